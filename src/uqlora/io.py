@@ -1,0 +1,51 @@
+"""Atomic writes: a file is written next to its target and renamed, so a killed run never leaves a
+truncated ``results.json``, predictions file or state."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _atomic(path: str | Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_json(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode()))
+
+
+def atomic_npz(path: str | Path, **arrays) -> Path:
+    return _atomic(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

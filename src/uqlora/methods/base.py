@@ -1,0 +1,110 @@
+"""The LightningModule every method derives from: training with the (label-smoothed)
+cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the predictive interface
+
+* ``posthoc_fit(datamodule)``  -- optional second stage on the calib split (no-op here);
+* ``predictive(batch) -> probs [B, C]``;
+* ``predictive_samples(batch) -> [S, B, C] | None`` for methods that sample;
+* ``method_state_dict()`` / ``load_method_state_dict()`` -- the fitted post-hoc state (tensors only).
+"""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+from torch.nn import functional as F
+
+from uqlora.errors import UqloraError
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor = 0.0,
+                           choice_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of (1 - eps) * NLL + eps * (mean over the valid classes of -log p_c).
+
+    ``eps`` may be a scalar or a per-example tensor [B]; masked (padded) choices get no smoothing mass,
+    unlike ``F.cross_entropy(label_smoothing=...)`` which would spread it over them too.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    if not torch.is_tensor(eps) and eps == 0.0:
+        return nll.mean()
+    mask = torch.ones_like(logp) if choice_mask is None else choice_mask.to(logp.dtype)
+    smooth = -(logp * mask).sum(1) / mask.sum(1)
+    eps = torch.as_tensor(eps, dtype=logp.dtype, device=logp.device)
+    return ((1 - eps) * nll + eps * smooth).mean()
+
+
+class UQMethod(pl.LightningModule):
+    name = "base"
+    trains = True  # False for purely post-hoc methods on a frozen model
+
+    def __init__(self, backbone, cfg):
+        super().__init__()
+        self.backbone = backbone
+        self.mcfg, self.optim_cfg = cfg.method, cfg.optim
+        self.label_smoothing = float(cfg.loss.get("label_smoothing", 0.0))
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UqloraError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
+
+    def forward(self, batch):
+        return self.backbone.logits(batch)
+
+    def loss(self, logits, batch):
+        return smoothed_cross_entropy(logits, batch["labels"], self.label_smoothing, batch.get("choice_mask"))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(self(batch), batch)
+        if not torch.isfinite(loss):
+            raise UqloraError(f"training loss is {loss.item()} at step {self.global_step} (method '{self.name}'); "
+                              f"lower optim.lr (now {self.optim_cfg.lr}) or check the data")
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch)
+        labels = batch["labels"]
+        n = labels.shape[0]
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, on_epoch=True, batch_size=n)
+        self.log("val/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, on_epoch=True, batch_size=n)
+        return {"probs": logits.softmax(-1).detach(), "labels": labels}
+
+    def predictive(self, batch) -> torch.Tensor:
+        return self(batch).softmax(-1)
+
+    def predictive_samples(self, batch) -> torch.Tensor | None:
+        return None
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        out = {"probs": self.predictive(batch).float(), "labels": batch["labels"]}
+        samples = self.predictive_samples(batch)
+        if samples is not None:
+            out["samples"] = samples.float()
+        return out
+
+    def posthoc_fit(self, datamodule) -> None:
+        self.fitted = True
+
+    def method_state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_method_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.fitted = True
+
+    def configure_optimizers(self):
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        o = self.optim_cfg
+        if float(o.lr) <= 0:
+            raise UqloraError(f"optim.lr must be > 0, got {o.lr}")
+        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay),
+                                betas=tuple(o.get("betas", (0.9, 0.999))), eps=float(o.get("eps", 1e-8)))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(math.ceil(float(o.get("warmup_ratio", 0.0)) * total))
+
+        def lr_lambda(step):
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total - step) / max(1, total - warm)) if o.get("schedule", "linear") == "linear" else 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

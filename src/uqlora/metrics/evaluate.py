@@ -1,0 +1,122 @@
+"""One-call evaluation of a method's predictions, returning flat JSON-serialisable dicts.
+
+Both functions validate their inputs first (see :mod:`uqlora.metrics._validation`): ``probs``
+2-D ``[N, C]``, finite, non-negative, rows summing to 1 within 1e-3; ``labels`` 1-D integers in
+``[0, C)`` of length N; ``samples`` ``[S, N, C]`` with the same N and C. A violation raises
+:class:`~uqlora.metrics._validation.MetricInputError` (a ``ValueError``) with a one-line
+message such as ``"probs has NaN in 3 rows"``.
+
+Values are Python floats (``n`` included). Misclassification AUROC/AUPRC are ``nan`` when all
+predictions are correct or all are wrong (``json.dumps`` writes ``NaN``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from uqlora.metrics import calibration as cal
+from uqlora.metrics import selective as sel
+from uqlora.metrics._validation import MetricInputError, check_labels, check_probs, check_samples
+from uqlora.metrics.ood import ood_metrics
+
+#: Keys always returned by :func:`evaluate_predictions`.
+PREDICTION_KEYS = (
+    "n", "acc", "nll", "brier", "ece", "mce", "mean_confidence",
+    "aurc", "eaurc", "auroc_misclf", "auprc_misclf", "auroc_misclf_entropy", "aurc_entropy",
+)
+#: Extra keys returned by :func:`evaluate_predictions` when ``samples`` is given.
+SAMPLE_KEYS = ("mutual_information_mean", "expected_entropy_mean", "disagreement_mean")
+
+#: OOD confidence scores of :func:`evaluate_ood`; the sample-based ones need samples.
+OOD_SCORES = ("max_prob", "neg_entropy")
+OOD_SAMPLE_SCORES = ("neg_mutual_information", "neg_expected_entropy", "neg_disagreement")
+OOD_METRICS = ("auroc", "aupr_in", "aupr_out", "fpr95")
+
+
+def evaluate_predictions(probs: Any, labels: Any, n_bins: int = 15,
+                         samples: Any = None) -> dict[str, float]:
+    """Accuracy, calibration, selective-prediction and uncertainty summaries.
+
+    Keys (all floats):
+
+    * ``n`` -- number of examples; ``acc``; ``nll``; ``brier`` (multiclass, in [0, 2]);
+    * ``ece``, ``mce`` -- top-label, ``n_bins`` equal-width bins (:mod:`.calibration`);
+    * ``mean_confidence`` -- mean max probability (compare with ``acc``);
+    * ``aurc``, ``eaurc``, ``auroc_misclf``, ``auprc_misclf`` -- confidence = max probability;
+    * ``aurc_entropy``, ``auroc_misclf_entropy`` -- confidence = negative entropy;
+    * with ``samples`` ``[S, N, C]``: ``mutual_information_mean``, ``expected_entropy_mean``,
+      ``disagreement_mean`` -- means over the N examples of the per-example scores of
+      :mod:`.selective`.
+    """
+    p = check_probs(probs)
+    y = check_labels(labels, n=p.shape[0], n_classes=p.shape[1])
+    s = None if samples is None else check_samples(samples, n=p.shape[0], c=p.shape[1])
+
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == y
+    neg_ent = sel.neg_entropy(p)
+    out = {
+        "n": float(p.shape[0]),
+        "acc": float(correct.mean()),
+        "nll": cal.nll(p, y),
+        "brier": cal.brier(p, y),
+        "ece": cal.ece(p, y, n_bins),
+        "mce": cal.mce(p, y, n_bins),
+        "mean_confidence": float(conf.mean()),
+        "aurc": sel.aurc(conf, correct),
+        "eaurc": sel.eaurc(conf, correct),
+        "auroc_misclf": sel.misclassification_auroc(conf, correct),
+        "auprc_misclf": sel.misclassification_auprc(conf, correct),
+        "aurc_entropy": sel.aurc(neg_ent, correct),
+        "auroc_misclf_entropy": sel.misclassification_auroc(neg_ent, correct),
+    }
+    if s is not None:
+        out["mutual_information_mean"] = float(sel.mutual_information(s).mean())
+        out["expected_entropy_mean"] = float(sel.expected_entropy(s).mean())
+        out["disagreement_mean"] = float(sel.disagreement(s).mean())
+    return out
+
+
+def _ood_scores(p: np.ndarray, s: np.ndarray | None) -> dict[str, np.ndarray]:
+    scores = {"max_prob": p.max(axis=1), "neg_entropy": sel.neg_entropy(p)}
+    if s is not None:
+        scores["neg_mutual_information"] = -sel.mutual_information(s)
+        scores["neg_expected_entropy"] = -sel.expected_entropy(s)
+        scores["neg_disagreement"] = -sel.disagreement(s)
+    return scores
+
+
+def evaluate_ood(probs_in: Any, probs_out: Any, samples_in: Any = None,
+                 samples_out: Any = None) -> dict[str, float]:
+    """OOD detection metrics for several confidence scores (higher = more in-distribution).
+
+    Keys are ``ood_{score}_{metric}`` with ``metric`` in ``auroc``, ``aupr_in``, ``aupr_out``,
+    ``fpr95`` (see :func:`uqlora.metrics.ood.ood_metrics`) and ``score`` in
+
+    * ``max_prob`` -- max probability of ``probs``;
+    * ``neg_entropy`` -- negative predictive entropy of ``probs``;
+    * with samples (both ``samples_in`` and ``samples_out``): ``neg_mutual_information``,
+      ``neg_expected_entropy``, ``neg_disagreement`` -- negated per-example scores of
+      :mod:`.selective` computed from the samples.
+
+    In- and out-of-distribution inputs must have the same number of classes C.
+    """
+    p_in = check_probs(probs_in, "probs_in")
+    p_out = check_probs(probs_out, "probs_out")
+    if p_in.shape[1] != p_out.shape[1]:
+        raise MetricInputError(
+            f"probs_in has C={p_in.shape[1]} classes but probs_out has C={p_out.shape[1]}")
+    if (samples_in is None) != (samples_out is None):
+        raise MetricInputError("pass both samples_in and samples_out, or neither")
+    s_in = s_out = None
+    if samples_in is not None:
+        s_in = check_samples(samples_in, "samples_in", n=p_in.shape[0], c=p_in.shape[1])
+        s_out = check_samples(samples_out, "samples_out", n=p_out.shape[0], c=p_out.shape[1])
+
+    scores_in, scores_out = _ood_scores(p_in, s_in), _ood_scores(p_out, s_out)
+    out: dict[str, float] = {}
+    for name in scores_in:
+        for metric, value in ood_metrics(scores_in[name], scores_out[name]).items():
+            out[f"ood_{name}_{metric}"] = value
+    return out

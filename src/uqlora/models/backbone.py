@@ -1,0 +1,242 @@
+"""Backbone = pretrained transformer + LoRA adapters (peft) + one of three heads.
+
+Every backbone exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, d]``:
+
+* ``classifier``  -- a linear head on the [CLS] token (``pooling=cls``), the mean of the tokens
+  (``mean``) or the last non-pad token (``last``, decoders, as AdUE does);
+* ``lm_choices``  -- a causal LM's next-token logits at the answer position restricted to the answer
+  tokens (" A", " B", ... or label words such as " negative"/" positive"); the C answer rows of the
+  LM head are copied into a parameter that trains when ``lora.train_head`` is true;
+* ``lm_cloze``    -- each choice's continuation scored by its log-likelihood after the context,
+  normalised by its length in tokens (``cloze_norm=token``), characters (``char``) or not at all
+  (``none``); the C scores are the logits.
+
+Padded (non-existent) choices are masked with ``choice_mask`` to a logit of -1e9, so their
+probability is exactly zero. Logits are float32 also under bf16 autocast.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from uqlora.errors import ModelError, UqloraError
+
+log = logging.getLogger(__name__)
+MASKED_LOGIT = -1e9
+HEADS = ("classifier", "lm_choices", "lm_cloze")
+
+
+def _last_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token of each row (right padding)."""
+    return attention_mask.long().sum(1).clamp(min=1) - 1
+
+
+class Backbone(nn.Module):
+    """Base class: owns the LoRA-wrapped transformer and the bookkeeping shared by the heads."""
+
+    head_kind: str = ""
+
+    def __init__(self, transformer: nn.Module, num_classes: int):
+        super().__init__()
+        self.transformer = transformer
+        self.num_classes = int(num_classes)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.transformer.config.hidden_size)
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _mask(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        logits = logits.float()
+        mask = batch.get("choice_mask")
+        return logits if mask is None else logits.masked_fill(~mask.bool(), MASKED_LOGIT)
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def features(self, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.logits(batch)
+
+    # --- adapter + head state: the only thing that is saved -------------------------------------
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
+        if missing or unexpected or bad:
+            first = (missing or unexpected or bad)[0]
+            raise UqloraError(
+                f"checkpoint does not match this model ({len(missing)} missing, {len(unexpected)} unexpected, "
+                f"{len(bad)} wrong-shape tensors, e.g. '{first}'): it was saved from a different model/head/LoRA config")
+        with torch.no_grad():
+            for n, p in own.items():
+                p.copy_(state[n].to(device=p.device, dtype=p.dtype))
+
+
+class ClassifierBackbone(Backbone):
+    head_kind = "classifier"
+
+    def __init__(self, transformer, num_classes, pooling="cls", head_dropout=0.1):
+        super().__init__(transformer, num_classes)
+        if pooling not in ("cls", "mean", "last"):
+            raise ModelError(f"unknown model.pooling '{pooling}'; valid choices: cls, mean, last")
+        self.pooling = pooling
+        self.dropout = nn.Dropout(head_dropout)
+        self.head = nn.Linear(self.hidden_size, num_classes)
+
+    def features(self, batch):
+        h, m = self.hidden(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
+        if self.pooling == "cls":
+            return h[:, 0]
+        if self.pooling == "last":
+            return h[torch.arange(h.shape[0], device=h.device), _last_index(m)]
+        w = m.unsqueeze(-1).to(h.dtype)
+        return (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def logits(self, batch):
+        return self._mask(self.head(self.dropout(self.features(batch))), batch)
+
+
+class LMChoicesBackbone(Backbone):
+    head_kind = "lm_choices"
+
+    def __init__(self, transformer, lm_head: nn.Linear, answer_token_ids: list[int], train_head: bool = True):
+        super().__init__(transformer, len(answer_token_ids))
+        ids = torch.tensor(answer_token_ids, dtype=torch.long)
+        self.register_buffer("answer_token_ids", ids, persistent=False)
+        self.answer_rows = nn.Parameter(lm_head.weight.detach()[ids].clone().float(), requires_grad=train_head)
+        bias = getattr(lm_head, "bias", None)
+        self.answer_bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone().float(),
+                                                                  requires_grad=train_head)
+
+    def features(self, batch):
+        h = self.hidden(batch["input_ids"], batch["attention_mask"])
+        return h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
+
+    def logits(self, batch):
+        f = self.features(batch)
+        out = f @ self.answer_rows.to(f.dtype).T
+        if self.answer_bias is not None:
+            out = out + self.answer_bias.to(f.dtype)
+        return self._mask(out, batch)
+
+
+class LMClozeBackbone(Backbone):
+    head_kind = "lm_cloze"
+
+    def __init__(self, transformer, lm_head: nn.Linear, num_classes: int, norm: str = "char"):
+        super().__init__(transformer, num_classes)
+        if norm not in ("token", "char", "none"):
+            raise ModelError(f"unknown model.cloze_norm '{norm}'; valid choices: token, char, none")
+        self.norm = norm
+        self.lm_head = lm_head
+        for p in self.lm_head.parameters():
+            p.requires_grad_(False)
+
+    def _hidden_flat(self, batch):
+        return self.hidden(batch["input_ids"], batch["attention_mask"])  # [B*C, L, d]
+
+    def features(self, batch):
+        h = self._hidden_flat(batch)
+        last = h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
+        B = batch["labels"].shape[0]
+        last = last.view(B, -1, last.shape[-1])
+        w = batch["choice_mask"].unsqueeze(-1).to(last.dtype)
+        return (last * w).sum(1) / w.sum(1).clamp(min=1.0)
+
+    def logits(self, batch):
+        ids = batch["input_ids"]
+        h = self._hidden_flat(batch)
+        tgt = batch["target_mask"].bool().clone()
+        tgt[:, 0] = False  # the first token has no prediction
+        rows, cols = tgt.nonzero(as_tuple=True)
+        logp = F.log_softmax(self.lm_head(h[rows, cols - 1]).float(), dim=-1)
+        tok_lp = logp.gather(1, ids[rows, cols].unsqueeze(1)).squeeze(1)
+        scores = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32).index_add_(0, rows, tok_lp)
+        if self.norm == "token":
+            scores = scores / tgt.sum(1).clamp(min=1)
+        elif self.norm == "char":
+            scores = scores / batch["cont_chars"].float().clamp(min=1)
+        B = batch["labels"].shape[0]
+        return self._mask(scores.view(B, -1), batch)
+
+
+def _lora(transformer: nn.Module, lcfg) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    r = int(lcfg.r)
+    if r <= 0:
+        raise ModelError(f"model.lora.r must be a positive integer, got {r}")
+    targets = list(lcfg.target_modules)
+    names = {n.split(".")[-1] for n, _ in transformer.named_modules()}
+    unknown = [t for t in targets if t not in names]
+    if unknown:
+        linear = sorted({n.split(".")[-1] for n, m in transformer.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelError(f"model.lora.target_modules {unknown} not found in the model; valid choices: {', '.join(linear)}")
+    config = LoraConfig(r=r, lora_alpha=float(lcfg.alpha), lora_dropout=float(lcfg.dropout),
+                        target_modules=targets, bias="none")
+    return get_peft_model(transformer, config)
+
+
+def resolve_head(mcfg, task: str) -> str:
+    head = mcfg.get("head", "auto")
+    if head == "auto":
+        head = "classifier" if mcfg.kind == "encoder" else ("lm_choices" if task == "classification" else "lm_cloze")
+    if head not in HEADS:
+        raise ModelError(f"unknown model.head '{head}'; valid choices: auto, {', '.join(HEADS)}")
+    if head.startswith("lm_") and mcfg.kind != "causal":
+        raise ModelError(f"model.head={head} needs a causal LM, but model '{mcfg.name}' is an {mcfg.kind}; use classifier")
+    if head == "classifier" and task == "multiple_choice":
+        raise ModelError("model.head=classifier does not score multiple-choice data; use a causal model with lm_cloze or lm_choices")
+    return head
+
+
+def answer_token_ids(tokenizer, words: list[str]) -> list[int]:
+    """One token id per answer word (its first token); distinct ids are required."""
+    ids = []
+    for w in words:
+        toks = tokenizer.encode(w, add_special_tokens=False)
+        if not toks:
+            raise ModelError(f"answer word {w!r} tokenises to nothing")
+        if len(toks) > 1:
+            log.warning("answer word %r is %d tokens; scoring its first token %r", w, len(toks),
+                        tokenizer.decode(toks[:1]))
+        ids.append(toks[0])
+    if len(set(ids)) != len(ids):
+        raise ModelError(f"answer words {words} share a first token; choose distinct label words")
+    return ids
+
+
+def build_backbone(mcfg, head: str, num_classes: int, answer_words: list[str] | None = None, tokenizer=None,
+                   model=None) -> Backbone:
+    """Attach LoRA and the head to a loaded model (see :func:`uqlora.models.loading.load_pretrained`)."""
+    model.train()  # transformers 5 returns models in eval mode; dropout (LoRA and base) must be active in fit
+    lm_head = None
+    if mcfg.kind == "causal":
+        lm_head = model.get_output_embeddings()
+        transformer = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    else:
+        transformer = model
+    transformer = _lora(transformer, mcfg.lora)
+    if mcfg.get("gradient_checkpointing", False):
+        transformer.enable_input_require_grads()
+    if head == "classifier":
+        bb = ClassifierBackbone(transformer, num_classes, pooling=mcfg.get("pooling", "cls"),
+                                head_dropout=float(mcfg.get("head_dropout", 0.1)))
+        bb.head.requires_grad_(bool(mcfg.lora.get("train_head", True)))
+        return bb
+    if head == "lm_choices":
+        ids = answer_token_ids(tokenizer, list(answer_words))
+        return LMChoicesBackbone(transformer, lm_head, ids, train_head=bool(mcfg.lora.get("train_head", True)))
+    return LMClozeBackbone(transformer, lm_head, num_classes, norm=mcfg.get("cloze_norm", "char"))

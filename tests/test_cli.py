@@ -1,0 +1,71 @@
+"""Bad input fails within seconds with one clear line naming the bad value and the valid choices."""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "WANDB_MODE": "offline"}
+
+
+def run(*args, script="train.py", timeout=120):
+    t0 = time.time()
+    p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=timeout)
+    return p, time.time() - t0
+
+
+def error_line(p):
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, p.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,bad,valid", [
+    (["method=nosuch"], "nosuch", "map"),
+    (["data=nosuch"], "nosuch", "sst2"),
+    (["model=nosuch"], "nosuch", "minilm"),
+    (["-m", "method=map,nosuch2"], "nosuch2", "map"),
+    (["method.lrr=1"], "method.lrr", "name"),
+    (["model.lora.rr=4"], "model.lora.rr", "target_modules"),
+])
+def test_unknown_choice_or_key_is_one_line(args, bad, valid):
+    p, dt = run(*args)
+    assert p.returncode != 0
+    line = error_line(p)
+    assert bad in line and valid in line
+    assert dt < 30
+
+
+def test_missing_data_folder_is_one_line(tmp_path):
+    p, dt = run("model=tiny_bert", "logger=none", f"paths.data_dir={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/r")
+    assert p.returncode == 1
+    line = error_line(p)
+    assert "sst2" in line and "nodata" in line and "stanfordnlp/sst2" in line
+    assert dt < 60
+
+
+def test_offline_hub_model_is_one_line(tmp_path):
+    p, dt = run("model=roberta_base", "logger=none", f"hydra.run.dir={tmp_path}/r")
+    assert p.returncode == 1
+    line = error_line(p)
+    assert "FacebookAI/roberta-base" in line and "minilm" in line and "offline" in line
+    assert dt < 60
+
+
+def test_help_and_cfg_job():
+    p, _ = run("--help")
+    assert p.returncode == 0 and "model" in p.stdout and "method" in p.stdout
+    p, _ = run("--cfg", "job")
+    assert p.returncode == 0
+    assert "name: map" in p.stdout and "lora:" in p.stdout
+
+
+def test_eval_requires_a_run_dir(tmp_path):
+    p, _ = run(f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path}/e", script="eval.py")
+    assert p.returncode == 1
+    assert "not a run directory" in error_line(p)

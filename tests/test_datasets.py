@@ -1,0 +1,495 @@
+"""Tests of the dataset adapters (``uqlora.data.datasets``).
+
+The local-data tests read the real copies under ``default_data_dir()`` (normally
+``/work/shared/data``) and are skipped when that folder does not exist. The error,
+custom-dataset and hub-mapping tests need no data (the hub is replaced by a fake
+``datasets`` module, so nothing touches the network).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from uqlora.data import datasets as ds
+from uqlora.errors import DataError
+
+# Documented row counts (shared/data/README.md), per dataset and split.
+EXPECTED_COUNTS = {
+    "arc_e": {"train": 2251, "validation": 570, "test": 2376},
+    "arc_c": {"train": 1119, "validation": 299, "test": 1172},
+    "obqa": {"train": 4957, "validation": 500, "test": 500},
+    "wg_s": {"train": 640, "test": 1267},
+    "wg_m": {"train": 2558, "test": 1267},
+    "boolq": {"train": 2616, "test": 654},
+    "cqa": {"train": 25},
+    "mmlu": {"train": 285, "validation": 1531, "test": 14042},
+    "sst2": {"train": 67349, "validation": 872, "test": 1821},
+    "sst5": {"train": 8544, "validation": 1101, "test": 2210},
+    "cola": {"train": 8551, "test": 1043, "test_ood": 516},
+    # The README says 10000, but train_subset_10k.tsv holds 10001 labelled rows (no header).
+    "agnews": {"train": 10001, "test": 7600},
+    "20ng": {"train": 11314, "test": 7532},
+    "tweeteval_hate": {"train": 9000, "validation": 1000, "test": 2970},
+    "tweeteval_offensive": {"train": 11916, "validation": 1324, "test": 860},
+}
+BUILTIN = sorted(EXPECTED_COUNTS)
+CASES = [(name, split) for name in BUILTIN for split in EXPECTED_COUNTS[name]]
+
+
+@pytest.fixture(scope="module")
+def data_dir() -> Path:
+    path = ds.default_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"no local data at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(data_dir):
+    """Every local split, loaded once for the whole module."""
+    return {(n, s): ds.load_split(n, s, data_dir) for n, s in CASES}
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_names():
+    expected = {
+        "arc_e", "arc_c", "obqa", "wg_s", "wg_m", "boolq", "cqa", "mmlu", "sst2", "sst5",
+        "cola", "agnews", "20ng", "tweeteval_hate", "tweeteval_offensive",
+        "custom_classification", "custom_multiple_choice",
+    }  # fmt: skip
+    assert set(ds.available_datasets()) == expected
+    assert ds.available_datasets() == sorted(expected)
+    for name in BUILTIN:
+        info = ds.get_info(name)
+        assert info.name == name
+        assert info.task in (ds.CLASSIFICATION, ds.MULTIPLE_CHOICE)
+        assert info.hub_id and info.local_dir and info.description
+        # every local split is documented (cqa also documents its hub-only test split)
+        assert set(EXPECTED_COUNTS[name]) <= set(info.splits)
+        assert set(info.splits) <= {"train", "validation", "test", "test_ood"}
+        if info.task == ds.CLASSIFICATION:
+            assert info.label_names is not None and len(info.label_names) == info.num_classes
+        else:
+            assert info.label_names is None
+
+
+def test_default_data_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("UQLORA_DATA_DIR", str(tmp_path))
+    assert ds.default_data_dir() == tmp_path
+
+
+# --------------------------------------------------------------------------- local data
+
+
+@pytest.mark.parametrize(("name", "split"), CASES)
+def test_split_counts_and_records(loaded, name, split):
+    records = loaded[(name, split)]
+    info = ds.get_info(name)
+    assert len(records) == EXPECTED_COUNTS[name][split]
+    ids = [r["id"] for r in records]
+    assert all(isinstance(i, str) and i for i in ids)
+    assert len(set(ids)) == len(ids), "ids must be unique within a split"
+    for r in records:
+        assert type(r["label"]) is int
+        assert 0 <= r["label"] < info.num_classes
+    if info.task == ds.CLASSIFICATION:
+        assert all(set(r) == {"id", "text", "text_pair", "label"} for r in records)
+        empty = sum(1 for r in records if not r["text"].strip())
+        assert empty <= max(1, len(records) // 1000), f"{empty} empty texts"
+        if name == "boolq":
+            assert all(r["text_pair"] for r in records)
+        else:
+            assert all(r["text_pair"] is None for r in records)
+    else:
+        for r in records:
+            assert r["question"].strip()
+            assert 2 <= len(r["choices"]) <= info.num_classes
+            assert all(isinstance(c, str) and c.strip() for c in r["choices"])
+            assert len(r["choice_labels"]) == len(r["choices"])
+            assert r["label"] < len(r["choices"])
+            if "cloze" in r:
+                assert len(r["cloze"]) == len(r["choices"])
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_all_classes_in_train(loaded, name):
+    info = ds.get_info(name)
+    records = loaded[(name, "train")]
+    labels = {r["label"] for r in records}
+    if info.task == ds.CLASSIFICATION:
+        assert labels == set(range(info.num_classes))
+    else:  # every answer position that all questions have occurs
+        common = min(len(r["choices"]) for r in records)
+        assert set(range(common)) <= labels <= set(range(info.num_classes))
+
+
+def test_available_splits_local(data_dir):
+    assert ds.available_splits("wg_s", data_dir) == ["train", "test"]
+    assert ds.available_splits("cqa", data_dir) == ["train"]
+    assert ds.available_splits("cola", data_dir) == ["train", "test", "test_ood"]
+    assert ds.available_splits("arc_e", data_dir) == ["train", "validation", "test"]
+
+
+def test_arc_first_train_row(loaded, data_dir):
+    raw = json.loads((data_dir / "arc/ARC-Easy/ARC-Easy-Train.jsonl").open().readline())
+    rec = loaded[("arc_e", "train")][0]
+    assert rec["id"] == raw["id"] == "Mercury_7220990"
+    assert rec["question"] == raw["question"]["stem"]
+    assert rec["choices"][rec["label"]] == "a bacterial population in the bloodstream"
+    assert rec["choice_labels"][rec["label"]] == raw["answerKey"] == "B"
+
+
+def test_arc_choice_counts_and_numeric_labels(loaded):
+    records = loaded[("arc_e", "train")] + loaded[("arc_c", "test")]
+    sizes = {len(r["choices"]) for r in records}
+    assert sizes == {3, 4, 5}
+    numeric = [r for r in records if r["choice_labels"][0] == "1"]
+    assert numeric and all(r["choice_labels"][: 3] == ["1", "2", "3"] for r in numeric)
+
+
+def test_obqa_parsing(loaded):
+    rec = loaded[("obqa", "train")][0]
+    assert rec["id"] == "7-980"
+    assert rec["question"] == "The sun is responsible for"
+    assert rec["choices"] == [
+        "puppies learning new tricks", "children growing up and getting old",
+        "flowers wilting in a vase", "plants sprouting, blooming and wilting",
+    ]  # fmt: skip
+    assert rec["label"] == 3 and rec["choice_labels"] == ["A", "B", "C", "D"]
+    # The one row whose choices string repeats "(D)" keeps 4 choices.
+    odd = next(r for r in loaded[("obqa", "train")] if r["id"] == "12-1145")
+    assert len(odd["choices"]) == 4 and odd["label"] == 1
+    assert all(len(r["choices"]) == 4 for s in ("train", "validation", "test")
+               for r in loaded[("obqa", s)])  # fmt: skip
+
+
+def test_winogrande_cloze(loaded, data_dir):
+    raw = json.loads((data_dir / "winogrande/train_s.jsonl").open().readline())
+    rec = loaded[("wg_s", "train")][0]
+    assert rec["id"] == raw["qID"]
+    assert rec["question"] == raw["sentence"]
+    assert rec["choices"] == [raw["option1"], raw["option2"]]
+    assert rec["label"] == int(raw["answer"]) - 1 == 1
+    prefix = "Ian volunteered to eat Dennis's menudo after already having a bowl because "
+    assert rec["cloze"] == [
+        [prefix + "Ian", " despised eating intestine."],
+        [prefix + "Dennis", " despised eating intestine."],
+    ]
+    # dev labels agree with the official labels file; S is a prefix of M
+    labels = (data_dir / "winogrande/dev-labels.lst").read_text().split()
+    assert [str(r["label"] + 1) for r in loaded[("wg_s", "test")]] == labels
+    assert [r["id"] for r in loaded[("wg_m", "train")][:640]] == [
+        r["id"] for r in loaded[("wg_s", "train")]
+    ]
+
+
+def test_sst2_first_row_and_crlf_test(loaded):
+    rec = loaded[("sst2", "train")][0]
+    assert rec == {"id": "train-0", "text": "hide new secretions from the parental units",
+                   "text_pair": None, "label": 0}  # fmt: skip
+    test = loaded[("sst2", "test")][0]
+    assert test["text"] == "uneasy mishmash of styles and genres ." and test["label"] == 0
+    assert not any(r["text"].endswith("\r") for r in loaded[("sst2", "test")])
+
+
+def test_sst5_cola_agnews_rows(loaded, data_dir):
+    assert loaded[("sst5", "train")][0]["label"] == 4
+    assert loaded[("sst5", "train")][0]["text"].startswith("a stirring , funny")
+    cola = loaded[("cola", "train")][0]
+    assert cola["text"] == "Our friends won't buy this analysis, let alone the next one we propose."
+    assert cola["label"] == 1
+    ag = loaded[("agnews", "test")][0]
+    assert ag["label"] == 2  # "3" = Business
+    assert ag["text"].startswith("Fears for T N pension after talks Unions representing")
+    ag_train = loaded[("agnews", "train")][0]
+    assert ag_train["label"] == 3 and ag_train["text"].startswith("p2pnet.net News:")
+    # quoted tsv fields are unescaped ("" -> ")
+    assert not any('""' in r["text"] for r in loaded[("agnews", "train")])
+    assert any(r["text"].startswith('"Big Blue" may') for r in loaded[("agnews", "train")])
+    no_title = ds.load_split("agnews", "test", data_dir, include_title=False)[0]
+    assert no_title["text"].startswith("Unions representing")
+    classes = (data_dir / "agnews/classes.txt").read_text().split()
+    assert tuple(classes) == ds.get_info("agnews").label_names
+
+
+def test_20ng_and_tweeteval_labels(loaded, data_dir):
+    rec = loaded[("20ng", "train")][0]
+    assert rec["id"] == "alt.atheism/49960" and rec["label"] == 0
+    assert rec["text"].startswith("From: mathew <mathew@mantis.co.uk>\nSubject:")
+    assert ds.get_info("20ng").label_names == tuple(sorted(ds.get_info("20ng").label_names))
+    for name in ("tweeteval_hate", "tweeteval_offensive"):
+        folder = data_dir / ds.get_info(name).local_dir
+        lines = folder.joinpath("mapping.txt").read_text().split("\n")
+        mapping = [line.split("\t")[1] for line in lines if line]
+        assert tuple(mapping) == ds.get_info(name).label_names
+        labels = folder.joinpath("test_labels.txt").read_text().split()
+        assert [r["label"] for r in loaded[(name, "test")]] == [int(x) for x in labels]
+
+
+def test_boolq_carve(loaded, data_dir):
+    train, test = loaded[("boolq", "train")], loaded[("boolq", "test")]
+    assert ds.load_split("boolq", "train", data_dir) == train
+    assert ds.load_split("boolq", "test", data_dir) == test
+    train_ids, test_ids = {r["id"] for r in train}, {r["id"] for r in test}
+    assert not train_ids & test_ids
+    assert len(train_ids | test_ids) == 3270
+    raw = [json.loads(line) for line in (data_dir / "boolq/val.jsonl").open()]
+    by_id = {f"val-{r['idx']}": r for r in raw}
+    for rec in train[:20] + test[:20]:
+        src = by_id[rec["id"]]
+        assert rec["text"] == src["question"] and rec["text_pair"] == src["passage"]
+        assert rec["label"] == int(src["label"] in (True, "true"))
+    assert ds.get_info("boolq").label_names == ("no", "yes")
+
+
+def test_cqa_sample(loaded):
+    rec = loaded[("cqa", "train")][0]
+    assert rec["id"] == "075e483d21c29a511267ef62bedc0461"
+    assert rec["choices"][rec["label"]] == "ignore"
+    assert rec["choice_labels"] == ["A", "B", "C", "D", "E"]
+
+
+def test_mmlu_subjects(data_dir):
+    physics = ds.load_split("mmlu", "test", data_dir, subjects=["high_school_physics"])
+    assert len(physics) == 151
+    assert {r["subject"] for r in physics} == {"high_school_physics"}
+    assert len(ds.load_split("mmlu", "train", data_dir, subjects=["high_school_physics"])) == 5
+    two = ["high_school_physics", "abstract_algebra"]
+    assert len(ds.load_split("mmlu", "validation", data_dir, subjects=two)) == 17 + 11
+    assert len(ds.MMLU_SUBJECTS) == 57
+    stems = sorted(p.name[: -len("_test.csv")] for p in (data_dir / "mmlu/test").glob("*.csv"))
+    assert stems == list(ds.MMLU_SUBJECTS)
+    with pytest.raises(DataError) as err:
+        ds.load_split("mmlu", "test", data_dir, subjects=["astrology"])
+    msg = str(err.value)
+    assert "astrology" in msg and "high_school_physics" in msg and "\n" not in msg
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError) as err:
+        ds.get_info("arc_x")
+    assert "arc_x" in str(err.value) and "arc_e" in str(err.value)
+    with pytest.raises(DataError, match="arc_x"):
+        ds.load_split("arc_x", "train")
+
+
+def test_unknown_option(tmp_path):
+    with pytest.raises(DataError, match="subject.*valid options: subjects"):
+        ds.load_split("mmlu", "test", tmp_path, subject=["x"])
+
+
+@pytest.mark.parametrize("var", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_missing_local_folder_offline(monkeypatch, tmp_path, var):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv(var, "1")
+    start = time.monotonic()
+    with pytest.raises(DataError) as err:
+        ds.load_split("arc_e", "train", data_dir=tmp_path)
+    assert time.monotonic() - start < 3.0
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "allenai/ai2_arc" in msg and "arc_e" in msg
+    assert str(tmp_path / "arc/ARC-Easy") in msg
+    assert "set paths.data_dir or UQLORA_DATA_DIR" in msg
+
+
+def test_hub_failure_is_one_line(monkeypatch, tmp_path):
+    """A hub error (e.g. no network) becomes one DataError line; load_dataset is called once."""
+    calls = []
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ConnectionError("Couldn't reach the hub\nmultiple\nlines")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError) as err:
+        ds.load_split("sst5", "train", data_dir=tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and "SetFit/sst5" in msg and "ConnectionError" in msg
+    assert len(calls) == 1
+
+
+def test_missing_split_and_file(data_dir, tmp_path):
+    with pytest.raises(DataError) as err:
+        ds.load_split("wg_s", "validation", data_dir)
+    assert "train, test" in str(err.value) and "validation" in str(err.value)
+    with pytest.raises(DataError, match="valid splits: train"):
+        ds.load_split("cqa", "test", data_dir)
+    (tmp_path / "sst5").mkdir()
+    with pytest.raises(DataError, match="stsa.fine.train"):
+        ds.load_split("sst5", "train", tmp_path)
+
+
+# --------------------------------------------------------------------------- hub mapping
+
+
+def _fake_hub(monkeypatch, tables):
+    """Replace ``datasets`` by a fake whose load_dataset serves ``tables[(id, config, split)]``."""
+    calls = []
+
+    def load_dataset(hub_id, config=None, split=None):
+        calls.append((hub_id, config, split))
+        return tables[(hub_id, config, split)]
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    return calls
+
+
+def test_hub_mapping(monkeypatch, tmp_path):
+    arc_row = {"id": "Q1", "question": "Why?", "answerKey": "2",
+               "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]}}  # fmt: skip
+    tables = {
+        ("allenai/ai2_arc", "ARC-Easy", "validation"): [arc_row],
+        ("allenai/winogrande", "winogrande_s", "validation"): [
+            {"sentence": "Tom hit _ hard.", "option1": "Tom", "option2": "Bob", "answer": "2"}
+        ],
+        ("google/boolq", None, "validation"): [
+            {"question": "is it?", "passage": "It is.", "answer": True}
+        ],
+        ("allenai/openbookqa", "main", "train"): [
+            {"id": "7-1", "question_stem": "Sun is", "answerKey": "A",
+             "choices": {"text": ["hot", "cold", "wet", "dry"], "label": ["A", "B", "C", "D"]}}
+        ],  # fmt: skip
+        ("cais/mmlu", "all", "dev"): [
+            {"question": "1+1?", "subject": "abstract_algebra", "choices": ["1", "2", "3", "4"],
+             "answer": 1}
+        ],  # fmt: skip
+        ("cais/mmlu", "anatomy", "test"): [
+            {"question": "Bone?", "subject": "anatomy", "choices": list("abcd"), "answer": 3}
+        ],
+        ("SetFit/20_newsgroups", None, "train"): [
+            {"text": "hi", "label": 7, "label_text": "rec.autos"}
+        ],
+        ("nyu-mll/glue", "cola", "validation"): [{"sentence": "Ok .", "label": 1, "idx": 0}],
+        ("tau/commonsense_qa", None, "validation"): [
+            {"id": "c1", "question": "Where?", "question_concept": "x", "answerKey": "E",
+             "choices": {"label": list("ABCDE"), "text": list("vwxyz")}}
+        ],  # fmt: skip
+    }
+    calls = _fake_hub(monkeypatch, tables)
+    assert ds.available_splits("wg_s", tmp_path) == ["train", "test"]
+    assert ds.available_splits("sst2", tmp_path) == ["train", "validation"]
+
+    arc = ds.load_split("arc_e", "validation", tmp_path)
+    assert arc == [{"id": "Q1", "question": "Why?", "choices": ["a", "b", "c"], "label": 1,
+                    "choice_labels": ["1", "2", "3"]}]  # fmt: skip
+    wg = ds.load_split("wg_s", "test", tmp_path)[0]
+    assert wg["label"] == 1
+    assert wg["cloze"] == [["Tom hit Tom", " hard."], ["Tom hit Bob", " hard."]]
+    boolq = ds.load_split("boolq", "test", tmp_path)[0]
+    assert boolq == {"id": "test-0", "text": "is it?", "text_pair": "It is.", "label": 1}
+    assert ds.load_split("obqa", "train", tmp_path)[0]["label"] == 0
+    mmlu = ds.load_split("mmlu", "train", tmp_path)[0]
+    assert mmlu["label"] == 1 and mmlu["choice_labels"] == ["A", "B", "C", "D"]
+    assert ds.load_split("mmlu", "test", tmp_path, subjects=["anatomy"])[0]["label"] == 3
+    assert ds.load_split("20ng", "train", tmp_path)[0]["label"] == ds.NEWSGROUPS.index("rec.autos")
+    assert ds.load_split("cola", "test", tmp_path)[0]["label"] == 1
+    assert ds.load_split("cqa", "test", tmp_path)[0]["label"] == 4
+    assert ("cais/mmlu", "anatomy", "test") in calls
+    with pytest.raises(DataError, match="valid splits: train, validation"):
+        ds.load_split("sst2", "test", tmp_path)
+
+
+# --------------------------------------------------------------------------- custom datasets
+
+
+def _write_csv(path: Path, rows: list[dict], delimiter: str = ",") -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=delimiter)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_custom_classification(tmp_path):
+    train = _write_csv(tmp_path / "train.csv", [
+        {"sent": "good, really \"good\"", "lab": "pos"},
+        {"sent": "bad", "lab": "neg"},
+    ])  # fmt: skip
+    test = _write_csv(tmp_path / "test.tsv", [{"q": "a?", "p": "b", "y": "1"}], delimiter="\t")
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({"id": "v1", "text": "meh", "label": 0}) + "\n")
+
+    opts = {"files": {"train": str(train)}, "text_column": "sent", "label_column": "lab",
+            "label_names": ["neg", "pos"]}  # fmt: skip
+    records = ds.load_split("custom_classification", "train", **opts)
+    assert records == [
+        {"id": "train-0", "text": 'good, really "good"', "text_pair": None, "label": 1},
+        {"id": "train-1", "text": "bad", "text_pair": None, "label": 0},
+    ]
+    info = ds.get_info("custom_classification", **opts)
+    assert info.num_classes == 2 and info.label_names == ("neg", "pos")
+
+    pair = ds.load_split("custom_classification", "test", tmp_path,
+                         files={"test": "test.tsv"}, text_column="q",
+                         text_pair_column="p", label_column="y")  # fmt: skip
+    assert pair == [{"id": "test-0", "text": "a?", "text_pair": "b", "label": 1}]
+    jl = ds.load_split("custom_classification", "validation", files={"validation": str(val)})
+    assert jl == [{"id": "v1", "text": "meh", "text_pair": None, "label": 0}]
+    assert ds.get_info("custom_classification", files={"test": str(test)}, label_column="y",
+                       text_column="q").num_classes == 2  # inferred: max label + 1  # fmt: skip
+    assert ds.available_splits("custom_classification", files={"test": str(test)}) == ["test"]
+
+    with pytest.raises(DataError) as err:
+        ds.load_split("custom_classification", "train", files={"train": str(train)},
+                      text_column="sentence", label_column="lab")  # fmt: skip
+    msg = str(err.value)
+    assert "sentence" in msg and "sent, lab" in msg
+    with pytest.raises(DataError, match="label 'pos'"):
+        ds.load_split("custom_classification", "train", files={"train": str(train)},
+                      text_column="sent", label_column="lab")  # fmt: skip
+    with pytest.raises(DataError, match="valid splits: train"):
+        ds.load_split("custom_classification", "test", files={"train": str(train)})
+
+
+def test_custom_multiple_choice(tmp_path):
+    jl = tmp_path / "mc.jsonl"
+    jl.write_text(
+        json.dumps({"question": "2+2?", "options": ["3", "4", "5"], "answer": "B"}) + "\n"
+        + json.dumps({"question": "1+1?", "options": ["2", "3"], "answer": 0}) + "\n"
+    )
+    records = ds.load_split("custom_multiple_choice", "train", files={"train": str(jl)},
+                            choices_column="options", label_column="answer")  # fmt: skip
+    assert records == [
+        {"id": "train-0", "question": "2+2?", "choices": ["3", "4", "5"], "label": 1,
+         "choice_labels": ["A", "B", "C"]},
+        {"id": "train-1", "question": "1+1?", "choices": ["2", "3"], "label": 0,
+         "choice_labels": ["A", "B"]},
+    ]  # fmt: skip
+    info = ds.get_info("custom_multiple_choice", files={"train": str(jl)},
+                       choices_column="options", label_column="answer")  # fmt: skip
+    assert info.num_classes == 3  # inferred: the most choices
+
+    table = _write_csv(tmp_path / "mc.csv", [
+        {"id": "q7", "stem": "Sky?", "a": "blue", "b": "green", "c": "red", "gold": "A"},
+        {"id": "q8", "stem": "Grass?", "a": "blue", "b": "green", "c": "red", "gold": "1"},
+    ])  # fmt: skip
+    opts = {"files": {"test": str(table)}, "question_column": "stem",
+            "choice_columns": ["a", "b", "c"], "label_column": "gold"}  # fmt: skip
+    records = ds.load_split("custom_multiple_choice", "test", **opts)
+    assert [r["id"] for r in records] == ["q7", "q8"]
+    assert [r["label"] for r in records] == [0, 1]
+    assert records[0]["choices"] == ["blue", "green", "red"]
+    assert ds.get_info("custom_multiple_choice", **opts).num_classes == 3
+
+    with pytest.raises(DataError) as err:
+        ds.load_split("custom_multiple_choice", "test", **{**opts, "choice_columns": ["a", "d"]})
+    msg = str(err.value)
+    assert "'d'" in msg and "id, stem, a, b, c, gold" in msg

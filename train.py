@@ -1,0 +1,35 @@
+"""Fine-tune, fit the uncertainty method, evaluate, write the run directory.
+
+    python train.py                                  # the default experiment (see conf/config.yaml)
+    python train.py model=minilm data=sst2 method=map trainer.max_steps=30
+    python train.py -m method=map model=minilm,smollm2_135m
+"""
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from uqlora.cli import guard, precheck  # noqa: E402
+from uqlora.config import register_configs  # noqa: E402
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    from uqlora.pipeline import train
+
+    with guard():
+        metrics, _ = train(cfg)
+    key = cfg.get("optimized_metric")
+    if key:
+        split, name = key.split("/", 1)
+        return float(metrics[split][name])
+    return None
+
+
+if __name__ == "__main__":
+    precheck("config")
+    main()
