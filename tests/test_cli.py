@@ -69,3 +69,32 @@ def test_eval_requires_a_run_dir(tmp_path):
     p, _ = run(f"run_dir={tmp_path}", f"hydra.run.dir={tmp_path}/e", script="eval.py")
     assert p.returncode == 1
     assert "not a run directory" in error_line(p)
+
+
+TINY = ["debug=fast", "trainer.max_steps=2", "data.max_test_samples=16", "data.max_val_samples=8",
+        "progress_bar=none"]
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_multirun_writes_one_run_dir_per_member(tmp_path, launcher):
+    args = ["-m", "model=tiny_bert,tiny_llama", *TINY, f"hydra.sweep.dir={tmp_path}/sweep"]
+    if launcher == "joblib":
+        args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    p, _ = run(*args, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2
+    import json
+
+    models = sorted(json.loads(r.read_text())["model"] for r in results)
+    assert models == ["tiny_bert", "tiny_llama"]
+
+
+def test_wandb_offline_run_logs_reliability_diagram(tmp_path):
+    p, _ = run("model=tiny_bert", *TINY, "logger.kind=wandb", f"hydra.run.dir={tmp_path}/r", timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = list((tmp_path / "r" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    images = list(runs[0].glob("files/media/images/**/*.png"))
+    assert any("reliability" in str(i) for i in images), images
+    assert "ACC" in p.stdout and "reliability_test.png" in p.stdout

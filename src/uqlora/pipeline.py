@@ -42,21 +42,33 @@ log = logging.getLogger(__name__)
 TABLE_KEYS = ("acc", "ece", "nll", "brier")
 
 
-def setup(cfg: DictConfig):
-    """Backbone (model + LoRA + head), method module and datamodule for a config."""
+def load_task(cfg: DictConfig):
+    """Task info, head and the carved splits; data first, so a missing folder fails before a model loads."""
     info = task_info(cfg.data)
     head = resolve_head(cfg.model, info.task)
-    records = build_splits(cfg.data, int(cfg.seed))  # data first: a missing folder fails before the model loads
+    return info, head, build_splits(cfg.data, int(cfg.seed))
+
+
+def build_member(cfg: DictConfig, info, head: str, records: dict, member_seed: int):
+    """A fresh backbone (LoRA initialised with ``member_seed``), its method module and datamodule."""
+    pl.seed_everything(member_seed, workers=True, verbose=False)
     model, tok = load_pretrained(cfg.model)
     words = answer_words(cfg.data.get("prompt"), info.task, info.num_classes, info.label_names)
     backbone = build_backbone(cfg.model, head, info.num_classes, answer_words=words, tokenizer=tok, model=model)
     method = get_method(cfg.method.name)(backbone, cfg)
-    dm = UQDataModule(cfg.data, tok, head, causal=cfg.model.kind == "causal", seed=int(cfg.seed), records=records)
+    dm = UQDataModule(cfg.data, tok, head, causal=cfg.model.kind == "causal", seed=int(cfg.seed), records=records,
+                      shuffle_seed=member_seed)
     return method, dm
 
 
+def setup(cfg: DictConfig):
+    """Backbone (model + LoRA + head), method module and datamodule for a config (one member)."""
+    info, head, records = load_task(cfg)
+    return build_member(cfg, info, head, records, int(cfg.seed))
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_batches: int = 0) -> pl.Trainer:
-    from lightning.pytorch.callbacks import LearningRateMonitor, RichProgressBar
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     vci = t.get("val_check_interval")
@@ -69,7 +81,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
         cbs.append(RichProgressBar(leave=True))
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
-    return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=False,
+    has_ckpt = any(isinstance(c, ModelCheckpoint) for c in cbs)
+    return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=has_ckpt,
                       enable_progress_bar=cfg.get("progress_bar", "rich") != "none", **t)
 
 
@@ -78,6 +91,22 @@ def predict(trainer: pl.Trainer, method, dm: UQDataModule, split: str) -> dict[s
     res = {k: torch.cat([o[k] for o in outs], dim=1 if k == "samples" else 0).cpu().numpy() for k in outs[0]}
     res["ids"] = np.array([str(r["id"]) for r in dm.records[split]])
     return res
+
+
+def combine(members: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Ensemble M members' predictions: every member contributes its samples (or its probs as one sample);
+    the predictive is the mean probability over all M x S draws."""
+    if len(members) == 1:
+        return members[0]
+    for m in members[1:]:
+        if not np.array_equal(m["labels"], members[0]["labels"]) or not np.array_equal(m["ids"], members[0]["ids"]):
+            raise UqloraError("ensemble members were evaluated on different examples; they must share data and seed")
+    samples = np.concatenate([m["samples"] if "samples" in m else m["probs"][None] for m in members], axis=0)
+    return {"probs": samples.mean(0), "labels": members[0]["labels"], "ids": members[0]["ids"], "samples": samples}
+
+
+def eval_splits(cfg, dm) -> list[str]:
+    return [s for s in cfg.eval.splits if dm.has(s)] + (["ood"] if dm.has("ood") else [])
 
 
 def _versions() -> dict:
@@ -102,23 +131,22 @@ def _git() -> dict:
         return {"commit": None, "dirty": None}
 
 
-def evaluate_splits(cfg, run_dir: Path, method, dm, trainer, logger, timings: dict) -> dict:
-    """Predict, score, save predictions and plots, log to the logger; returns metrics per split."""
+def report(cfg, run_dir: Path, preds: dict[str, dict], logger, timings: dict) -> dict:
+    """Score the (combined) predictions, save them and their plots, log to the logger; metrics per split."""
     n_bins = int(cfg.eval.get("n_bins", 15))
-    splits = [s for s in cfg.eval.splits if dm.has(s)]
-    preds, metrics = {}, {}
-    for split in splits + (["ood"] if dm.has("ood") else []):
-        t0 = time.perf_counter()
-        preds[split] = predict(trainer, method, dm, split)
-        timings[f"predict_{split}"] = round(time.perf_counter() - t0, 3)
+    metrics = {}
+    for split, p in preds.items():
         if cfg.eval.get("save_predictions", True):
-            atomic_npz(run_dir / "predictions" / f"{split}.npz", **preds[split])
-    for split in splits:
-        p = preds[split]
+            atomic_npz(run_dir / "predictions" / f"{split}.npz", **p)
+    for split, p in preds.items():
+        if split == "ood":
+            continue
         m = evaluate_predictions(p["probs"], p["labels"], n_bins=n_bins, samples=p.get("samples"))
         if "ood" in preds:
-            m.update(evaluate_ood(p["probs"], preds["ood"]["probs"], samples_in=p.get("samples"),
-                                  samples_out=preds["ood"].get("samples")))
+            o = preds["ood"]
+            both = "samples" in p and "samples" in o
+            m.update(evaluate_ood(p["probs"], o["probs"], samples_in=p["samples"] if both else None,
+                                  samples_out=o["samples"] if both else None))
         metrics[split] = m
         plot = reliability_diagram(p["probs"], p["labels"], run_dir / "plots" / f"reliability_{split}.png",
                                    n_bins=n_bins, title=f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: {split}")
@@ -166,44 +194,86 @@ def print_table(results: dict, run_dir: Path) -> None:
     print(f"results: {run_dir / 'results.json'}", flush=True)
 
 
-def train(cfg: DictConfig):
-    """Fit, post-hoc fit, evaluate and write the run directory. Returns ``(metrics, objects)``."""
-    t_start = time.perf_counter()
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    method, dm = setup(cfg)
-    dm.setup()
-    timings["setup"] = round(time.perf_counter() - t0, 3)
-    logger = build_logger(cfg, run_dir)
-    ckpt = BestAdapterCheckpoint(run_dir / "checkpoints", monitor=cfg.train.get("monitor", "val/loss"))
-    callbacks = [ckpt, CalibrationCallback(run_dir / "plots", n_bins=int(cfg.eval.get("n_bins", 15)))]
+def _member_dir(run_dir: Path, m: int, num_models: int) -> Path:
+    return run_dir if num_models == 1 else run_dir / "members" / str(m)
+
+
+def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: str) -> dict:
+    """Fit one member (when its method trains), restore its best adapter, save its state."""
+    ckpt = BestAdapterCheckpoint(member_dir / "checkpoints", monitor=cfg.train.get("monitor", "val/loss"))
+    callbacks = [ckpt, CalibrationCallback(member_dir / "plots", n_bins=int(cfg.eval.get("n_bins", 15)))]
+    callbacks += method.extra_callbacks(member_dir)
     if cfg.train.get("early_stopping_patience"):
         from lightning.pytorch.callbacks import EarlyStopping
 
         callbacks.append(EarlyStopping(monitor=ckpt.monitor, patience=int(cfg.train.early_stopping_patience)))
+    if cfg.train.get("save_last", True):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        every = cfg.train.get("checkpoint_every_n_steps")
+        callbacks.append(ModelCheckpoint(dirpath=member_dir / "checkpoints", filename="last", save_top_k=1,
+                                         every_n_train_steps=int(every) if every else None,
+                                         save_on_train_epoch_end=True, enable_version_counter=False))
     n_batches = -(-len(dm.records["train"]) // int(cfg.data.batch_size))
-    trainer = build_trainer(cfg, run_dir, logger, callbacks, n_train_batches=n_batches)
-    extra: dict = {"splits": {k: len(v) for k, v in dm.records.items()}}
+    trainer = build_trainer(cfg, member_dir, logger, callbacks, n_train_batches=n_batches)
+    info: dict = {}
     if method.trains:
         t0 = time.perf_counter()
-        trainer.fit(method, datamodule=dm)
-        timings["fit"] = round(time.perf_counter() - t0, 3)
-        restored = ckpt.restore_best(method)
-        extra["train"] = {"steps": int(trainer.global_step), "best_val_loss": ckpt.best if restored else None,
-                          "best_step": ckpt.best_step if restored else None,
-                          "final_train_loss": float(trainer.callback_metrics.get("train/loss_epoch", float("nan")))}
-        if not restored:
+        ckpt_path = cfg.train.get("ckpt_path")
+        trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
+        timings[f"fit{key}"] = round(time.perf_counter() - t0, 3)
+        want_best = method.restore_best_after_fit and bool(cfg.train.get("restore_best", True))
+        restored = want_best and ckpt.restore_best(method)
+        info = {"steps": int(trainer.global_step), "best_val_loss": ckpt.best if ckpt.best_step >= 0 else None,
+                "best_step": ckpt.best_step if ckpt.best_step >= 0 else None, "restored_best": bool(restored),
+                "final_train_loss": float(trainer.callback_metrics.get("train/loss_epoch", float("nan")))}
+        if want_best and not restored:
             log.warning("no validation ran during training; reporting the final adapter")
-    atomic_torch_save(method.backbone.trainable_state_dict(), run_dir / "checkpoints" / "adapter.pt")
+    atomic_torch_save(method.backbone.trainable_state_dict(), member_dir / "checkpoints" / "adapter.pt")
     t0 = time.perf_counter()
     method.posthoc_fit(dm)
-    timings["posthoc_fit"] = round(time.perf_counter() - t0, 3)
-    atomic_torch_save(method.method_state_dict(), run_dir / "checkpoints" / "method_state.pt")
-    metrics = evaluate_splits(cfg, run_dir, method, dm, trainer, logger, timings)
+    timings[f"posthoc_fit{key}"] = round(time.perf_counter() - t0, 3)
+    atomic_torch_save(method.method_state_dict(), member_dir / "checkpoints" / "method_state.pt")
+    return {"trainer": trainer, **info}
+
+
+def predict_member(cfg, method, dm, trainer, timings: dict, key: str) -> dict[str, dict]:
+    preds = {}
+    for split in eval_splits(cfg, dm):
+        t0 = time.perf_counter()
+        preds[split] = predict(trainer, method, dm, split)
+        timings[f"predict_{split}{key}"] = round(time.perf_counter() - t0, 3)
+    return preds
+
+
+def train(cfg: DictConfig):
+    """Fit (M members), post-hoc fit, evaluate and write the run directory. Returns ``(metrics, objects)``."""
+    t_start = time.perf_counter()
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    M = int(cfg.method.get("num_models", 1))
+    if M < 1:
+        raise UqloraError(f"method.num_models must be >= 1, got {M}")
+    if M > 1 and cfg.train.get("ckpt_path"):
+        raise UqloraError("train.ckpt_path resumes a single model; resume ensemble members one run at a time")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    info, head, records = load_task(cfg)
+    timings["data"] = round(time.perf_counter() - t0, 3)
+    logger = build_logger(cfg, run_dir)
+    member_preds, members = [], []
+    for m in range(M):
+        key = "" if M == 1 else f"_member{m}"
+        method, dm = build_member(cfg, info, head, records, int(cfg.seed) + m)
+        fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key)
+        trainer = fitted.pop("trainer")
+        member_preds.append(predict_member(cfg, method, dm, trainer, timings, key))
+        members.append({"seed": int(cfg.seed) + m, **fitted})
+    preds = {split: combine([mp[split] for mp in member_preds]) for split in member_preds[0]}
+    metrics = report(cfg, run_dir, preds, logger, timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
+    extra = {"splits": {k: len(v) for k, v in records.items()}, "num_models": M,
+             "train": members[0] if M == 1 else members}
     results = write_results(run_dir, cfg, metrics, timings, extra)
     if cfg.get("print_table", True):
         print_table(results, run_dir)
@@ -217,32 +287,53 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
+def member_dirs(run_dir: Path) -> list[Path]:
+    """The folders holding ``checkpoints/adapter.pt`` of a run: itself, or its ``members/<m>``."""
+    members = sorted((run_dir / "members").glob("*/checkpoints/adapter.pt"), key=lambda p: int(p.parents[1].name))
+    dirs = [p.parents[1] for p in members] or [run_dir]
+    if not (dirs[0] / "checkpoints" / "adapter.pt").is_file():
+        raise UqloraError(f"run directory '{run_dir}' has no checkpoints/adapter.pt")
+    return dirs
+
+
 def evaluate_run(ecfg: DictConfig):
-    """Re-evaluate a finished run directory (``eval.py``) from its saved adapter and method state,
-    optionally on another data config, writing into a fresh ``eval/`` sub-directory."""
+    """Re-evaluate finished run directories from their saved adapters and method states, without retraining:
+    ``run_dir`` (one run, all of its members) or ``ensemble=[dir1, dir2, ...]`` (runs combined, e.g. the
+    members of a multirun). Optionally on another data config; writes into a fresh directory."""
     t_start = time.perf_counter()
-    src = Path(ecfg.run_dir)
-    cfg = load_run_config(src)
+    sources = [Path(d) for d in (ecfg.get("ensemble") or [ecfg.run_dir])]
+    cfgs = [load_run_config(d) for d in sources]
+    cfg = cfgs[0]
+    for other, d in zip(cfgs[1:], sources[1:]):
+        for key in ("model", "data"):
+            if OmegaConf.to_container(other[key]) != OmegaConf.to_container(cfg[key]):
+                raise UqloraError(f"ensemble member '{d}' has a different {key} config than '{sources[0]}'")
     if ecfg.get("data") is not None:
         cfg.data = ecfg.data
     for key in ("eval", "logger"):
         if ecfg.get(key) is not None:
             cfg[key] = OmegaConf.merge(cfg.get(key) or {}, ecfg[key])
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = _run_dir(ecfg)
-    method, dm = setup(cfg)
-    adapter = src / "checkpoints" / "adapter.pt"
-    if not adapter.is_file():
-        raise UqloraError(f"run directory '{src}' has no checkpoints/adapter.pt")
-    method.backbone.load_trainable_state_dict(torch.load(adapter, weights_only=True, map_location="cpu"))
-    state = src / "checkpoints" / "method_state.pt"
-    method.load_method_state_dict(torch.load(state, weights_only=True, map_location="cpu") if state.is_file() else {})
+    info, head, records = load_task(cfg)
     logger = build_logger(cfg, out_dir) if ecfg.get("log", False) else False
-    trainer = build_trainer(cfg, out_dir, logger, [])
     timings: dict[str, float] = {}
-    metrics = evaluate_splits(cfg, out_dir, method, dm, trainer, logger, timings)
+    member_preds = []
+    for src, src_cfg in zip(sources, cfgs):
+        for mdir in member_dirs(src):
+            src_cfg.data = cfg.data
+            method, dm = build_member(src_cfg, info, head, records, int(src_cfg.seed))
+            method.backbone.load_trainable_state_dict(
+                torch.load(mdir / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))
+            state = mdir / "checkpoints" / "method_state.pt"
+            method.load_method_state_dict(torch.load(state, weights_only=True, map_location="cpu")
+                                          if state.is_file() else {})
+            trainer = build_trainer(cfg, out_dir, logger, [])
+            member_preds.append(predict_member(cfg, method, dm, trainer, timings, f"_{len(member_preds)}"))
+    preds = {split: combine([mp[split] for mp in member_preds]) for split in member_preds[0]}
+    metrics = report(cfg, out_dir, preds, logger, timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
-    results = write_results(out_dir, cfg, metrics, timings, {"source_run": str(src)})
+    results = write_results(out_dir, cfg, metrics, timings, {"source_runs": [str(s) for s in sources],
+                                                            "num_models": len(member_preds)})
     if ecfg.get("print_table", True):
         print_table(results, out_dir)
     return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}

@@ -118,11 +118,30 @@ def _check_labels(name, split, recs, C):
                         f"is outside the {C} configured classes (0..{C - 1})")
 
 
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A permutation that depends only on (seed, epoch): a run resumed at epoch e sees the same order as an
+    uninterrupted one (Lightning calls ``set_epoch`` before every epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self):
+        return self.n
+
+
 class UQDataModule(pl.LightningDataModule):
     def __init__(self, dcfg, tokenizer, head: str, causal: bool, seed: int = 0,
-                 records: dict[str, list[dict]] | None = None):
+                 records: dict[str, list[dict]] | None = None, shuffle_seed: int | None = None):
         super().__init__()
         self.cfg, self.seed = dcfg, int(seed)
+        self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.info = task_info(dcfg)
         self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
                                  dcfg.get("prompt"), causal=causal)
@@ -142,9 +161,9 @@ class UQDataModule(pl.LightningDataModule):
         if split not in self.records:
             raise DataError(f"no '{split}' split configured; available: {', '.join(self.records)}")
         bs = int(self.cfg.batch_size if shuffle else self.cfg.get("eval_batch_size", self.cfg.batch_size))
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.records[split], batch_size=bs, shuffle=shuffle, generator=gen if shuffle else None,
-                          collate_fn=self.collator, num_workers=int(self.cfg.get("num_workers", 0)))
+        sampler = EpochShuffleSampler(len(self.records[split]), self.shuffle_seed) if shuffle else None
+        return DataLoader(self.records[split], batch_size=bs, sampler=sampler, collate_fn=self.collator,
+                          num_workers=int(self.cfg.get("num_workers", 0)))
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)

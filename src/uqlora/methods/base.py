@@ -37,6 +37,8 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: floa
 class UQMethod(pl.LightningModule):
     name = "base"
     trains = True  # False for purely post-hoc methods on a frozen model
+    restore_best_after_fit = True  # evaluate the adapter of the best validation loss
+    strict_loading = False  # Lightning checkpoints hold only the trainable tensors (see on_save_checkpoint)
 
     def __init__(self, backbone, cfg):
         super().__init__()
@@ -76,11 +78,19 @@ class UQMethod(pl.LightningModule):
         return None
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        out = {"probs": self.predictive(batch).float(), "labels": batch["labels"]}
         samples = self.predictive_samples(batch)
-        if samples is not None:
-            out["samples"] = samples.float()
-        return out
+        if samples is not None:  # the predictive of a sampling method is the mean of its sampled probabilities
+            samples = samples.float()
+            return {"probs": samples.mean(0), "labels": batch["labels"], "samples": samples}
+        return {"probs": self.predictive(batch).float(), "labels": batch["labels"]}
+
+    def extra_callbacks(self, member_dir) -> list:
+        """Callbacks the method needs during fit (e.g. SWAG moment collection)."""
+        return []
+
+    def on_save_checkpoint(self, checkpoint):
+        keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def posthoc_fit(self, datamodule) -> None:
         self.fitted = True
