@@ -1,0 +1,20 @@
+"""Deep ensemble of LoRA MAP runs: ``num_models`` independently seeded members (LoRA initialisation and
+data order differ); the pipeline averages their softmax. The members can also be trained as separate runs
+(e.g. a multirun over seeds) and combined with ``eval.py ensemble=[dir1,dir2,...]``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from uqlora.methods import register
+from uqlora.methods.base import UQMethod
+
+
+@dataclass
+class EnsembleConfig:
+    name: str = "ensemble"
+    num_models: int = 5
+
+
+@register("ensemble", EnsembleConfig)
+class Ensemble(UQMethod):
+    pass

@@ -1,0 +1,45 @@
+"""MC dropout: the MAP model with its dropout (LoRA dropout, and the base model's and head's dropout when
+``all_dropout``) kept active at test time; the predictive averages the softmax over S stochastic passes.
+The dropout masks come from the global torch RNG, seeded with ``eval_seed`` at the start of prediction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from uqlora.errors import UqloraError
+from uqlora.methods import register
+from uqlora.methods.base import UQMethod
+
+
+@dataclass
+class MCDropoutConfig:
+    name: str = "mc_dropout"
+    num_samples: int = 15      # S stochastic forward passes
+    all_dropout: bool = False  # also the base model's dropout layers, not only LoRA dropout (+ head dropout)
+    eval_seed: int = 0
+
+
+@register("mc_dropout", MCDropoutConfig)
+class MCDropout(UQMethod):
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        if int(self.mcfg.num_samples) < 1:
+            raise UqloraError(f"method.num_samples must be >= 1, got {self.mcfg.num_samples}")
+        self.dropouts = [m for n, m in backbone.named_modules() if isinstance(m, nn.Dropout)
+                         and (self.mcfg.all_dropout or "lora_dropout" in n or n == "dropout")]
+        if not any(m.p > 0 for m in self.dropouts):
+            raise UqloraError("mc_dropout needs dropout: set model.lora.dropout > 0 (e.g. 0.1)")
+
+    def on_predict_start(self):
+        torch.manual_seed(int(self.mcfg.eval_seed))
+
+    def predictive_samples(self, batch) -> torch.Tensor:
+        for m in self.dropouts:
+            m.train()
+        try:
+            return torch.stack([self(batch).softmax(-1) for _ in range(int(self.mcfg.num_samples))])
+        finally:
+            for m in self.dropouts:
+                m.eval()

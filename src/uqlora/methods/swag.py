@@ -1,0 +1,130 @@
+"""SWAG-LoRA (Onal et al. 2024) and MultiSWAG.
+
+Training is MAP training; from ``start`` on, :class:`uqlora.callbacks.swag.SWAGCallback` anneals the
+learning rate to ``lr`` and collects snapshots of the LoRA (+ head) parameters into
+:class:`uqlora.core.swag.SWAG`. The predictive averages the softmax over ``num_samples`` weight draws.
+The S draws are made once per evaluation from a generator seeded with ``eval_seed`` and shared by every
+batch, so each sample is one function over the whole evaluation set (not per-batch noise).
+MultiSWAG = ``num_models`` independently seeded SWAG runs; the pipeline pools their M x S samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from uqlora.callbacks.swag import SWAGCallback, swag_parameters
+from uqlora.core.swag import SWAG, assign, flatten
+from uqlora.errors import UqloraError
+from uqlora.methods import register
+from uqlora.methods.base import UQMethod
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class SwagConfig:
+    name: str = "swag"
+    start: float = 0.5           # epoch / step at which the SWAG phase begins; a value in (0, 1): that fraction of training
+    unit: str = "step"           # epoch | step (units of start, collect_every, anneal)
+    collect_every: int = 10      # snapshot period
+    lr: Optional[float] = None   # learning rate of the SWAG phase (annealed to); null: optim.lr / 2
+    anneal: int = 0              # length of the linear annealing to lr (0: switch at once)
+    max_rank: int = 5            # K: deviation columns kept (the low-rank part of the covariance)
+    diag_only: bool = False      # sample with the diagonal covariance only
+    scale: float = 1.0           # covariance scale at sampling time
+    num_samples: int = 15        # S
+    params: str = "all"          # all: LoRA A/B + trained head | lora: LoRA only
+    reload_best: bool = True     # start the SWAG phase from the best adapter by validation loss
+    var_floor: float = 1e-30
+    dtype: str = "float32"       # moment accumulation: float32 | float64
+    eval_seed: int = 0           # seed of the S weight draws
+    num_models: int = 1          # M > 1: MultiSWAG
+
+
+def _check(cfg):
+    if cfg.num_samples < 1:
+        raise UqloraError(f"method.num_samples must be >= 1, got {cfg.num_samples}")
+    if cfg.max_rank < 2:
+        raise UqloraError(f"method.max_rank (K) must be >= 2, got {cfg.max_rank}")
+    if cfg.scale < 0:
+        raise UqloraError(f"method.scale must be >= 0, got {cfg.scale}")
+    if cfg.dtype not in DTYPES:
+        raise UqloraError(f"unknown method.dtype '{cfg.dtype}'; valid choices: {', '.join(DTYPES)}")
+
+
+@register("swag", SwagConfig)
+class SWAGMethod(UQMethod):
+    restore_best_after_fit = False  # the SWAG mean, not the best MAP adapter, is what SWAG predicts with
+
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        _check(self.mcfg)
+        self.swag_names = [n for n, _ in swag_parameters(backbone, self.mcfg.params)]
+        self.swag_params = [p for _, p in swag_parameters(backbone, self.mcfg.params)]
+        self.swag = SWAG(sum(p.numel() for p in self.swag_params), max_rank=int(self.mcfg.max_rank),
+                         var_floor=float(self.mcfg.var_floor), dtype=DTYPES[self.mcfg.dtype])
+        self._draws: torch.Tensor | None = None
+        self.swag_lr = float(self.mcfg.lr) if self.mcfg.lr is not None else float(cfg.optim.lr) / 2
+        if self.swag_lr <= 0:
+            raise UqloraError(f"method.lr (the SWAG learning rate) must be > 0, got {self.swag_lr}")
+
+    def extra_callbacks(self, member_dir):
+        c = self.mcfg
+        return [SWAGCallback(self.swag, self.swag_params, start=float(c.start), unit=c.unit,
+                             collect_every=int(c.collect_every), lr=self.swag_lr, anneal=int(c.anneal),
+                             reload_best=bool(c.reload_best), best_path=member_dir / "checkpoints" / "best_adapter.pt")]
+
+    def posthoc_fit(self, datamodule) -> None:
+        if self.swag.n == 0:
+            raise UqloraError("SWAG collected no snapshot: method.start is after the end of training "
+                              f"(start={self.mcfg.start} {self.mcfg.unit}); lower it or train longer")
+        assign(self.swag_params, self.swag.mean)  # the SWA mean is the point estimate kept in adapter.pt
+        self.fitted = True
+
+    def on_predict_start(self):
+        if self.swag.n == 0:
+            raise UqloraError("SWAG predictive before any snapshot was collected (no fitted SWAG state)")
+        g = torch.Generator().manual_seed(int(self.mcfg.eval_seed))
+        self._draws = torch.stack([self.swag.sample(float(self.mcfg.scale), generator=g,
+                                                    diag_only=bool(self.mcfg.diag_only))
+                                   for _ in range(int(self.mcfg.num_samples))])
+
+    def on_predict_end(self):
+        assign(self.swag_params, self.swag.mean)
+        self._draws = None
+
+    def predictive_samples(self, batch) -> torch.Tensor:
+        if self._draws is None:
+            self.on_predict_start()
+        out = []
+        for draw in self._draws:
+            assign(self.swag_params, draw)
+            out.append(self(batch).softmax(-1))
+        assign(self.swag_params, self.swag.mean)
+        return torch.stack(out)
+
+    def method_state_dict(self):
+        return {**self.swag.state_dict(), "param_names": list(self.swag_names)}
+
+    def load_method_state_dict(self, state):
+        if not state:
+            raise UqloraError("this run directory has no SWAG state (checkpoints/method_state.pt is empty)")
+        if list(state["param_names"]) != self.swag_names:
+            raise UqloraError("the SWAG state was collected over other parameters than this model's "
+                              f"({len(state['param_names'])} vs {len(self.swag_names)} tensors)")
+        self.swag.load_state_dict({k: v for k, v in state.items() if k != "param_names"})
+        assign(self.swag_params, self.swag.mean)
+        self.fitted = True
+
+
+@dataclass
+class MultiSwagConfig(SwagConfig):
+    name: str = "multiswag"
+    num_models: int = 3
+
+
+@register("multiswag", MultiSwagConfig)
+class MultiSWAGMethod(SWAGMethod):
+    """M independently seeded SWAG runs (``num_models``), pooled by the pipeline over M x S samples."""
