@@ -111,3 +111,24 @@ def test_real_smollm2_cloze_arc_e(tmp_path):
     _check_run_dir(objs["run_dir"], metrics, 5)
     assert objs["method"].backbone.head_kind == "lm_cloze"
     assert metrics["test"]["acc"] > 0.3  # chance is ~0.25; cloze scoring of SmolLM2 is well above
+
+
+def test_custom_classification_data_end_to_end(tmp_path):
+    import csv
+
+    rng = np.random.default_rng(0)
+    words = {"neg": ["awful", "bad", "boring"], "pos": ["great", "lovely", "fun"]}
+    for split, n in (("train", 48), ("test", 16)):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["review", "sentiment"])
+            for i in range(n):
+                lab = ["neg", "pos"][i % 2]
+                w.writerow([f"a {rng.choice(words[lab])} movie number {i}", lab])
+    cfg, metrics, objs = _train(tmp_path, "model=tiny_bert", "data=custom_classification",
+                                f"data.options.files.train={tmp_path}/train.csv",
+                                f"data.options.files.test={tmp_path}/test.csv", "data.options.text_column=review",
+                                "data.options.label_column=sentiment", "data.options.label_names=[neg,pos]",
+                                "trainer.max_steps=4")
+    res = _check_run_dir(objs["run_dir"], metrics, 2)
+    assert res["splits"]["test"] == 16 and res["splits"]["train"] + res["splits"]["val"] + res["splits"]["calib"] == 48

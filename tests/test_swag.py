@@ -206,7 +206,8 @@ def test_mc_dropout_samples_vary_and_need_dropout(tmp_path):
 
 
 @pytest.mark.parametrize("model,data,extra", [
-    ("minilm", "sst2", ["trainer.max_steps=40", "method.collect_every=4", "data.max_test_samples=96"]),
+    ("minilm", "sst2", ["trainer.max_steps=40", "trainer.max_epochs=2", "method.collect_every=4",
+                        "data.max_test_samples=96"]),
     ("smollm2_135m", "arc_e", ["trainer.max_steps=6", "method.collect_every=1", "data.max_test_samples=12",
                                "data.batch_size=2", "data.max_val_samples=4", "data.eval_batch_size=4"]),
 ])

@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 
-def _atomic(path: str | Path, write) -> Path:
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(f)`` on a temporary file next to ``path`` (parents created), then rename it over ``path``.
+    The file gets the usual mode (0666 minus the umask) rather than mkstemp's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -21,6 +23,9 @@ def _atomic(path: str | Path, write) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -30,15 +35,15 @@ def _atomic(path: str | Path, write) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    return _atomic(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_json(obj: Any, path: str | Path) -> Path:
-    return _atomic(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode()))
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=False, default=_jsonable).encode()))
 
 
 def atomic_npz(path: str | Path, **arrays) -> Path:
-    return _atomic(path, lambda f: np.savez_compressed(f, **arrays))
+    return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def _jsonable(x):

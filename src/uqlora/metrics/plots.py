@@ -10,7 +10,6 @@ goes to a temporary file in the target folder, which then replaces ``path``
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from uqlora.io import atomic_write
 from uqlora.metrics._validation import MetricInputError, check_scores
 from uqlora.metrics.calibration import reliability_bins
 
@@ -29,23 +29,11 @@ RISK_COVERAGE_FIGSIZE = (6.0, 4.5)  # -> 720 x 540 px
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> Path:
     """Save ``fig`` as a PNG at ``DPI`` to ``path`` (parents created) via tmp file + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    FigureCanvasAgg(fig)
     try:
-        with os.fdopen(fd, "wb") as f:
-            FigureCanvasAgg(fig)
-            fig.savefig(f, format="png", dpi=DPI)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
     finally:
         fig.clear()
-    return path
 
 
 def reliability_diagram(probs: Any, labels: Any, path: str | os.PathLike, n_bins: int = 15,
