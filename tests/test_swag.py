@@ -180,15 +180,16 @@ def test_swag_eval_reproduces_and_multiswag_pools_members(tmp_path):
 
 def test_ensemble_from_run_directories_equals_mean_of_members(tmp_path):
     dirs = []
-    for i, lr in enumerate(("1e-3", "3e-3")):
+    for i in range(2):  # a multirun of seeded members: same data splits (seed), different init (train.init_seed)
         cfg = _cfg(tmp_path, f"map{i}", "model=tiny_bert", "trainer.max_steps=6", "data.max_test_samples=24",
-                   f"optim.lr={lr}")
+                   f"train.init_seed={i}")
         _, objs = train(cfg)
         _save_hydra(cfg, objs["run_dir"])
         dirs.append(objs["run_dir"])
     m, out = _eval(tmp_path, dirs[0], ensemble=dirs)
     p = [np.load(d / "predictions" / "test.npz")["probs"] for d in dirs]
     comb = np.load(out / "predictions" / "test.npz")
+    assert not np.allclose(p[0], p[1], atol=1e-4)  # the init seed made two different members
     np.testing.assert_allclose(comb["probs"], (p[0] + p[1]) / 2, atol=1e-6)
     assert comb["samples"].shape == (2, 24, 2)
     assert json.loads((out / "results.json").read_text())["num_models"] == 2

@@ -194,6 +194,12 @@ def print_table(results: dict, run_dir: Path) -> None:
     print(f"results: {run_dir / 'results.json'}", flush=True)
 
 
+def _init_seed(cfg) -> int:
+    """Seed of the LoRA initialisation and the data order (the splits always follow ``cfg.seed``)."""
+    init = cfg.get("train", {}).get("init_seed")
+    return int(cfg.seed) if init is None else int(init)
+
+
 def _member_dir(run_dir: Path, m: int, num_models: int) -> Path:
     return run_dir if num_models == 1 else run_dir / "members" / str(m)
 
@@ -262,13 +268,14 @@ def train(cfg: DictConfig):
     timings["data"] = round(time.perf_counter() - t0, 3)
     logger = build_logger(cfg, run_dir)
     member_preds, members = [], []
+    init_seed = _init_seed(cfg)
     for m in range(M):
         key = "" if M == 1 else f"_member{m}"
-        method, dm = build_member(cfg, info, head, records, int(cfg.seed) + m)
+        method, dm = build_member(cfg, info, head, records, init_seed + m)
         fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key)
         trainer = fitted.pop("trainer")
         member_preds.append(predict_member(cfg, method, dm, trainer, timings, key))
-        members.append({"seed": int(cfg.seed) + m, **fitted})
+        members.append({"init_seed": init_seed + m, **fitted})
     preds = {split: combine([mp[split] for mp in member_preds]) for split in member_preds[0]}
     metrics = report(cfg, run_dir, preds, logger, timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -319,9 +326,9 @@ def evaluate_run(ecfg: DictConfig):
     timings: dict[str, float] = {}
     member_preds = []
     for src, src_cfg in zip(sources, cfgs):
-        for mdir in member_dirs(src):
+        for m, mdir in enumerate(member_dirs(src)):
             src_cfg.data = cfg.data
-            method, dm = build_member(src_cfg, info, head, records, int(src_cfg.seed))
+            method, dm = build_member(src_cfg, info, head, records, _init_seed(src_cfg) + m)
             method.backbone.load_trainable_state_dict(
                 torch.load(mdir / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))
             state = mdir / "checkpoints" / "method_state.pt"
