@@ -326,15 +326,16 @@ def evaluate_run(ecfg: DictConfig):
     timings: dict[str, float] = {}
     member_preds = []
     for src, src_cfg in zip(sources, cfgs):
-        for m, mdir in enumerate(member_dirs(src)):
-            src_cfg.data = cfg.data
-            method, dm = build_member(src_cfg, info, head, records, _init_seed(src_cfg) + m)
+        src_cfg.data = cfg.data
+        # one model per source run: its members differ only in the adapter and method state loaded below
+        method, dm = build_member(src_cfg, info, head, records, _init_seed(src_cfg))
+        trainer = build_trainer(cfg, out_dir, logger, [])
+        for mdir in member_dirs(src):
             method.backbone.load_trainable_state_dict(
                 torch.load(mdir / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))
             state = mdir / "checkpoints" / "method_state.pt"
             method.load_method_state_dict(torch.load(state, weights_only=True, map_location="cpu")
                                           if state.is_file() else {})
-            trainer = build_trainer(cfg, out_dir, logger, [])
             member_preds.append(predict_member(cfg, method, dm, trainer, timings, f"_{len(member_preds)}"))
     preds = {split: combine([mp[split] for mp in member_preds]) for split in member_preds[0]}
     metrics = report(cfg, out_dir, preds, logger, timings)

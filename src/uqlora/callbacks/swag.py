@@ -19,6 +19,7 @@ import lightning.pytorch as pl
 import torch
 
 from uqlora.core.swag import SWAG, flatten
+from uqlora.errors import UqloraError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 def swag_parameters(backbone, which: str = "all") -> list[tuple[str, torch.nn.Parameter]]:
     """The parameters SWAG covers: every trainable one (LoRA A/B + trained head) or LoRA only."""
     if which not in ("all", "lora"):
-        raise ValueError(f"unknown method.params '{which}'; valid choices: all, lora")
+        raise UqloraError(f"unknown method.params '{which}'; valid choices: all, lora")
     return [(n, p) for n, p in backbone.named_parameters()
             if p.requires_grad and (which == "all" or "lora_" in n)]
 
@@ -36,9 +37,9 @@ class SWAGCallback(pl.Callback):
                  collect_every: int = 10, lr: float = 1e-4, anneal: int = 0, reload_best: bool = True,
                  best_path: str | Path | None = None):
         if unit not in ("epoch", "step"):
-            raise ValueError(f"unknown method.unit '{unit}'; valid choices: epoch, step")
+            raise UqloraError(f"unknown method.unit '{unit}'; valid choices: epoch, step")
         if collect_every < 1:
-            raise ValueError(f"method.collect_every must be >= 1, got {collect_every}")
+            raise UqloraError(f"method.collect_every must be >= 1, got {collect_every}")
         self.swag, self.params = swag, params
         self.start, self.unit, self.every, self.lr, self.anneal = start, unit, int(collect_every), float(lr), int(anneal)
         self.reload_best, self.best_path = reload_best, Path(best_path) if best_path else None

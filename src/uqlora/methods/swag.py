@@ -61,8 +61,8 @@ class SWAGMethod(UQMethod):
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
         _check(self.mcfg)
-        self.swag_names = [n for n, _ in swag_parameters(backbone, self.mcfg.params)]
-        self.swag_params = [p for _, p in swag_parameters(backbone, self.mcfg.params)]
+        named = swag_parameters(backbone, self.mcfg.params)
+        self.swag_names, self.swag_params = [n for n, _ in named], [p for _, p in named]
         self.swag = SWAG(sum(p.numel() for p in self.swag_params), max_rank=int(self.mcfg.max_rank),
                          var_floor=float(self.mcfg.var_floor), dtype=DTYPES[self.mcfg.dtype])
         self._draws: torch.Tensor | None = None
