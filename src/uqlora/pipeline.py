@@ -67,7 +67,8 @@ def setup(cfg: DictConfig):
     return build_member(cfg, info, head, records, int(cfg.seed))
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_batches: int = 0) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_batches: int = 0,
+                  inference_mode: bool = True) -> pl.Trainer:
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -82,8 +83,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in cbs)
+    # methods whose predictive needs gradients (Laplace's GLM Jacobians) predict under no_grad, not inference_mode
     return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=has_ckpt,
-                      enable_progress_bar=cfg.get("progress_bar", "rich") != "none", **t)
+                      enable_progress_bar=cfg.get("progress_bar", "rich") != "none", inference_mode=inference_mode, **t)
 
 
 def predict(trainer: pl.Trainer, method, dm: UQDataModule, split: str) -> dict[str, np.ndarray]:
@@ -204,7 +206,31 @@ def _member_dir(run_dir: Path, m: int, num_models: int) -> Path:
     return run_dir if num_models == 1 else run_dir / "members" / str(m)
 
 
-def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: str) -> dict:
+def load_map_run(cfg, method, member: int = 0) -> str:
+    """Load the MAP adapter of a finished run (``method.map_run``) into ``method`` instead of training.
+    The source run must have the same model (incl. LoRA and head) and the same data splits."""
+    src = Path(str(cfg.method.map_run))
+    scfg = load_run_config(src)
+    if OmegaConf.to_container(scfg.model, resolve=True) != OmegaConf.to_container(cfg.model, resolve=True):
+        diff = sorted(k for k in set(scfg.model) | set(cfg.model) if scfg.model.get(k) != cfg.model.get(k))
+        raise UqloraError(f"method.map_run '{src}' used another model config (differs in {', '.join(diff)})")
+    for key in ("name", "max_train_samples", "val_size", "calib_size"):
+        if scfg.data.get(key) != cfg.data.get(key):
+            raise UqloraError(f"method.map_run '{src}' used data.{key}={scfg.data.get(key)}, this run "
+                              f"{cfg.data.get(key)}: the train/val splits would differ")
+    if int(scfg.seed) != int(cfg.seed):
+        raise UqloraError(f"method.map_run '{src}' used seed={scfg.seed} (data splits), this run seed={cfg.seed}")
+    dirs = member_dirs(src)
+    if member >= len(dirs):
+        raise UqloraError(f"method.map_run '{src}' has {len(dirs)} member(s); member {member} was requested")
+    method.backbone.load_trainable_state_dict(
+        torch.load(dirs[member] / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))
+    method.trains = False
+    log.info("using the MAP adapter of %s (no training)", dirs[member])
+    return str(dirs[member])
+
+
+def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: str, member: int = 0) -> dict:
     """Fit one member (when its method trains), restore its best adapter, save its state."""
     ckpt = BestAdapterCheckpoint(member_dir / "checkpoints", monitor=cfg.train.get("monitor", "val/loss"))
     callbacks = [ckpt, CalibrationCallback(member_dir / "plots", n_bins=int(cfg.eval.get("n_bins", 15)))]
@@ -221,8 +247,11 @@ def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: st
                                          every_n_train_steps=int(every) if every else None,
                                          save_on_train_epoch_end=True, enable_version_counter=False))
     n_batches = -(-len(dm.records["train"]) // int(cfg.data.batch_size))
-    trainer = build_trainer(cfg, member_dir, logger, callbacks, n_train_batches=n_batches)
+    trainer = build_trainer(cfg, member_dir, logger, callbacks, n_train_batches=n_batches,
+                            inference_mode=not getattr(method, "needs_grad_in_predict", False))
     info: dict = {}
+    if cfg.method.get("map_run"):
+        info["map_run"] = load_map_run(cfg, method, member)
     if method.trains:
         t0 = time.perf_counter()
         ckpt_path = cfg.train.get("ckpt_path")
@@ -240,6 +269,8 @@ def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: st
     method.posthoc_fit(dm)
     timings[f"posthoc_fit{key}"] = round(time.perf_counter() - t0, 3)
     atomic_torch_save(method.method_state_dict(), member_dir / "checkpoints" / "method_state.pt")
+    if getattr(method, "tuning", None):
+        info["posthoc"] = dict(method.tuning)
     return {"trainer": trainer, **info}
 
 
@@ -272,7 +303,7 @@ def train(cfg: DictConfig):
     for m in range(M):
         key = "" if M == 1 else f"_member{m}"
         method, dm = build_member(cfg, info, head, records, init_seed + m)
-        fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key)
+        fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key, member=m)
         trainer = fitted.pop("trainer")
         member_preds.append(predict_member(cfg, method, dm, trainer, timings, key))
         members.append({"init_seed": init_seed + m, **fitted})
@@ -329,7 +360,8 @@ def evaluate_run(ecfg: DictConfig):
         src_cfg.data = cfg.data
         # one model per source run: its members differ only in the adapter and method state loaded below
         method, dm = build_member(src_cfg, info, head, records, _init_seed(src_cfg))
-        trainer = build_trainer(cfg, out_dir, logger, [])
+        trainer = build_trainer(cfg, out_dir, logger, [],
+                                inference_mode=not getattr(method, "needs_grad_in_predict", False))
         for mdir in member_dirs(src):
             method.backbone.load_trainable_state_dict(
                 torch.load(mdir / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))

@@ -66,6 +66,11 @@ class Backbone(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.logits(batch)
 
+    def head_parameters(self) -> tuple[nn.Parameter, nn.Parameter | None] | None:
+        """(weight [C, d], bias [C] or None) of the trained linear head whose input is ``head_input``'s
+        output, or None when there is no trained head (Laplace treats it as one more KFAC layer)."""
+        return None
+
     # --- adapter + head state: the only thing that is saved -------------------------------------
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -93,6 +98,7 @@ class ClassifierBackbone(Backbone):
             raise ModelError(f"unknown model.pooling '{pooling}'; valid choices: cls, mean, last")
         self.pooling = pooling
         self.dropout = nn.Dropout(head_dropout)
+        self.head_input = nn.Identity()  # marks the head's input for curvature/Jacobian hooks
         self.head = nn.Linear(self.hidden_size, num_classes)
 
     def features(self, batch):
@@ -105,7 +111,10 @@ class ClassifierBackbone(Backbone):
         return (h * w).sum(1) / w.sum(1).clamp(min=1.0)
 
     def logits(self, batch):
-        return self._mask(self.head(self.dropout(self.features(batch))), batch)
+        return self._mask(self.head(self.head_input(self.dropout(self.features(batch)))), batch)
+
+    def head_parameters(self):
+        return (self.head.weight, self.head.bias) if self.head.weight.requires_grad else None
 
 
 class LMChoicesBackbone(Backbone):
@@ -119,13 +128,17 @@ class LMChoicesBackbone(Backbone):
         bias = getattr(lm_head, "bias", None)
         self.answer_bias = None if bias is None else nn.Parameter(bias.detach()[ids].clone().float(),
                                                                   requires_grad=train_head)
+        self.head_input = nn.Identity()
+
+    def head_parameters(self):
+        return (self.answer_rows, self.answer_bias) if self.answer_rows.requires_grad else None
 
     def features(self, batch):
         h = self.hidden(batch["input_ids"], batch["attention_mask"])
         return h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
 
     def logits(self, batch):
-        f = self.features(batch)
+        f = self.head_input(self.features(batch))
         out = f @ self.answer_rows.to(f.dtype).T
         if self.answer_bias is not None:
             out = out + self.answer_bias.to(f.dtype)

@@ -1,0 +1,347 @@
+"""Kronecker-factored curvature (KFAC) of the LoRA layers, as Laplace-LoRA (Yang et al. 2024) uses it.
+
+For a linear layer ``y = W a`` (W: [out, in]; a bias is an extra input column of ones) the GGN / Fisher
+block of the summed negative log-likelihood is approximated as
+
+    H  ~=  (1/N) * G (x) A,      A = sum_n a_n a_n^T  [in, in],      G = sum_n E_y[g_n g_n^T]  [out, out]
+
+with ``vec`` the row-major flattening of W (``vec(g a^T) = g (x) a``) and ``g_n`` the gradient of
+``-log p(y | x_n)`` w.r.t. the layer's output. LoRA A ([r, d_in]) and LoRA B ([d_out, r]) are separate
+layers, and the classifier head (or the answer rows of a causal LM's head) is one more layer.
+
+Sequences (weight sharing over positions, one loss per sequence): KFAC-*reduce* (Eschenhagen et al.
+2023): ``a_n`` = the mean of the layer's inputs over the example's non-pad positions, ``g_n`` = the sum of
+the output gradients over its positions. Padding never enters (pad positions are masked out of the mean
+and get zero gradient), so the factors do not depend on how examples are batched. For the cloze head an
+example is its C continuation sequences together.
+
+Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
+``sqrt(p_c) (e_c - p)`` (whose outer products sum to diag(p) - p p^T); ``mc`` -- ``n`` labels sampled
+from the model's predictive; ``empirical`` -- the true label. All C (or n) backward passes of a batch
+are one vmapped vector-Jacobian product (``autograd.grad(..., is_grads_batched=True)``), after one
+forward pass. The model must be in eval mode (no dropout) while fitting; :func:`fit_kfac` checks it.
+
+Factors wider than ``lowrank_threshold`` are kept as a rank-``n_kfac`` square root ``B`` (``B B^T ~= A``)
+updated by incremental SVD of ``[B, new rows]`` -- the paper's treatment of the wide factor of LoRA A
+(its input) and LoRA B (its output). Everything is a sum, so factors from several processes combine by
+summing (dense) or by re-truncating the stacked square roots (:meth:`Factor.merge`).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from uqlora.errors import UqloraError
+
+log = logging.getLogger(__name__)
+FISHERS = ("exact", "mc", "empirical")
+SUBSETS = ("all", "last_layer")
+
+
+class Factor:
+    """Running ``sum_i v_i v_i^T`` over rows ``v`` of width ``dim``: dense (float64), or as a rank-``rank``
+    square root refreshed by truncated SVD every ``flush_rows`` buffered rows."""
+
+    def __init__(self, dim: int, rank: int | None = None, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str = "cpu"):
+        self.dim, self.rank, self.dtype = int(dim), None if rank is None else int(rank), dtype
+        self.lowrank = self.rank is not None
+        if self.lowrank:
+            self.root = torch.zeros(self.dim, 0, dtype=dtype, device=device)
+            self._buf: list[torch.Tensor] = []
+            self._nbuf = 0
+            self.flush_rows = max(256, 4 * self.rank)
+        else:
+            self.mat = torch.zeros(self.dim, self.dim, dtype=dtype, device=device)
+
+    def update(self, v: torch.Tensor) -> None:
+        v = v.detach().reshape(-1, self.dim).to(self.dtype)
+        if not self.lowrank:
+            self.mat.addmm_(v.T, v)
+            return
+        self._buf.append(v)
+        self._nbuf += v.shape[0]
+        if self._nbuf >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.lowrank or not self._buf:
+            return
+        stacked = torch.cat([self.root, torch.cat(self._buf).T], dim=1)  # [d, k + n]
+        self._buf, self._nbuf = [], 0
+        U, S, _ = torch.linalg.svd(stacked, full_matrices=False)
+        k = min(self.rank, S.numel())
+        self.root = U[:, :k] * S[:k]
+
+    def merge(self, other: "Factor") -> None:
+        """Add another accumulator's sum (e.g. another process's factor)."""
+        if self.lowrank:
+            other._flush()
+            self._buf.append(other.root.T.to(self.root))
+            self._nbuf += other.root.shape[1]
+            self._flush()
+        else:
+            self.mat += other.mat.to(self.mat)
+
+    def dense(self) -> torch.Tensor:
+        if self.lowrank:
+            self._flush()
+            return self.root @ self.root.T
+        return self.mat
+
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Q [d, k], lam [k])`` with ``Q diag(lam) Q^T`` = the factor; k = d when dense. Tiny negative
+        eigenvalues from round-off are clipped to 0 (a warning when they are not tiny)."""
+        if self.lowrank:
+            self._flush()
+            U, S, _ = torch.linalg.svd(self.root, full_matrices=False)
+            keep = S > 0
+            return U[:, keep].contiguous(), S[keep] ** 2
+        mat = 0.5 * (self.mat + self.mat.T)
+        lam, Q = torch.linalg.eigh(mat)
+        neg = lam.min().item()
+        if neg < -1e-6 * max(lam.max().item(), 1e-30):
+            log.warning("KFAC factor has a negative eigenvalue %.3g (max %.3g); clipping to 0", neg, lam.max().item())
+        return Q.contiguous(), lam.clamp(min=0.0)
+
+
+@dataclass
+class KFACLayer:
+    """One linear map covered by the posterior: ``out = weight @ in (+ bias)``."""
+
+    name: str
+    weight: nn.Parameter                       # [out, in]
+    bias: nn.Parameter | None
+    module: nn.Module                          # whose input (Linear) / output (head_input) is the layer input
+    kind: str                                  # lora | head
+    A: Factor | None = None
+    G: Factor | None = None
+    _in: list = field(default_factory=list, repr=False)
+    _out: list = field(default_factory=list, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weight.shape[0]), int(self.weight.shape[1]) + (self.bias is not None)
+
+    def matrix(self) -> torch.Tensor:
+        """The layer's parameters as one [out, in (+1)] matrix (bias as the last column)."""
+        w = self.weight.detach()
+        return w if self.bias is None else torch.cat([w, self.bias.detach().unsqueeze(1)], dim=1)
+
+    def assign(self, mat: torch.Tensor) -> None:
+        with torch.no_grad():
+            if self.bias is None:
+                self.weight.copy_(mat.to(self.weight))
+            else:
+                self.weight.copy_(mat[:, :-1].to(self.weight))
+                self.bias.copy_(mat[:, -1].to(self.bias))
+
+
+def select_layers(backbone: nn.Module, subset: str = "all") -> list[KFACLayer]:
+    """The layers of the posterior: every trainable LoRA A/B linear + the trained head (``all``), or the
+    head alone (``last_layer``, the LLLA baseline; without a trained head: the LoRA layers of the last
+    transformer block)."""
+    if subset not in SUBSETS:
+        raise UqloraError(f"unknown method.subset '{subset}'; valid choices: {', '.join(SUBSETS)}")
+    lora = [KFACLayer(n, m.weight, m.bias if (m.bias is not None and m.bias.requires_grad) else None, m, "lora")
+            for n, m in backbone.named_modules()
+            if isinstance(m, nn.Linear) and re.search(r"lora_[AB]", n) and m.weight.requires_grad]
+    head = None
+    hp = backbone.head_parameters() if hasattr(backbone, "head_parameters") else None
+    if hp is not None:
+        w, b = hp
+        head = KFACLayer("head", w, b if (b is not None and b.requires_grad) else None, backbone.head_input, "head")
+    if subset == "all":
+        layers = lora + ([head] if head else [])
+    elif head is not None:
+        layers = [head]
+    else:
+        idx = [int(m.group(1)) for lay in lora if (m := re.search(r"\.(\d+)\.", lay.name))]
+        if not idx:
+            raise UqloraError("method.subset=last_layer: the model has no trained head and no numbered blocks")
+        layers = [lay for lay in lora if re.search(rf"\.{max(idx)}\.", lay.name)]
+    if not layers:
+        raise UqloraError("the model has no trainable LoRA/head parameters for the Laplace posterior")
+    return layers
+
+
+@contextlib.contextmanager
+def capture(layers: list[KFACLayer]):
+    """Record each layer's input (and, for LoRA linears, its output tensor for the backward pass)."""
+    handles = []
+    for lay in layers:
+        lay._in.clear(), lay._out.clear()
+        if lay.kind == "head":
+            handles.append(lay.module.register_forward_hook(lambda m, i, o, lay=lay: lay._in.append(o.detach())))
+        else:
+            def hook(m, i, o, lay=lay):
+                lay._in.append(i[0].detach())
+                lay._out.append(o)
+            handles.append(lay.module.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fisher_vectors(probs: torch.Tensor, labels: torch.Tensor, fisher: str, n_samples: int = 1,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Vectors ``v [S, B, C]`` (gradients of the NLL w.r.t. the logits, up to sign) whose outer products,
+    summed over S, give the Fisher's output-space matrix per example."""
+    p = probs.double()
+    B, C = p.shape
+    eye = torch.eye(C, dtype=p.dtype, device=p.device)
+    if fisher == "exact":
+        return (p.T.sqrt().unsqueeze(-1) * (eye.unsqueeze(1) - p.unsqueeze(0)))  # [C, B, C]
+    if fisher == "mc":
+        if n_samples < 1:
+            raise UqloraError(f"method.fisher_samples must be >= 1, got {n_samples}")
+        y = torch.multinomial(p.cpu(), n_samples, replacement=True, generator=generator).to(p.device).T  # [S, B]
+        return (p.unsqueeze(0) - eye[y]) / n_samples ** 0.5
+    if fisher == "empirical":
+        return (p - eye[labels]).unsqueeze(0)
+    raise UqloraError(f"unknown method.fisher '{fisher}'; valid choices: {', '.join(FISHERS)}")
+
+
+def output_grads(logits: torch.Tensor, layers: list[KFACLayer], V: torch.Tensor) -> list[torch.Tensor]:
+    """For each layer, the vector-Jacobian products ``V[s]^T d logits / d output`` as ``[S, *output]``:
+    one vmapped backward pass for LoRA linears; the head's output *is* the logits, so its are ``V``."""
+    lora = [lay for lay in layers if lay.kind == "lora"]
+    outs = [lay._out[-1] for lay in lora]
+    V = V.to(logits.dtype)
+    grads: list[torch.Tensor] = []
+    if outs:
+        try:
+            grads = list(torch.autograd.grad(logits, outs, grad_outputs=V, is_grads_batched=True, retain_graph=False))
+        except RuntimeError as e:  # an op without a vmap rule: fall back to one backward pass per vector
+            log.debug("batched VJP failed (%s); looping over %d vectors", e, V.shape[0])
+            per = [torch.autograd.grad(logits, outs, grad_outputs=v, retain_graph=i < V.shape[0] - 1)
+                   for i, v in enumerate(V)]
+            grads = [torch.stack([g[j] for g in per]) for j in range(len(outs))]
+    it = iter(grads)
+    return [V if lay.kind == "head" else next(it) for lay in layers]
+
+
+def _rows(x: torch.Tensor, n_examples: int) -> torch.Tensor:
+    """[rows, (L,) d] -> [B, R*L, d]: the positions of each example together (R rows per example)."""
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    return x.reshape(n_examples, -1, x.shape[-1])
+
+
+def layer_inputs(lay: KFACLayer, n_examples: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's inputs per example ``[B, T, in(+1)]`` and their position mask ``[B, T]``."""
+    a = lay._in[-1]
+    if lay.kind == "head" or a.dim() == 2:
+        a, m = _rows(a, n_examples), torch.ones(n_examples, 1, dtype=torch.bool, device=a.device)
+    else:
+        m = mask.reshape(n_examples, -1).bool() if mask is not None else torch.ones(a.shape[:-1], dtype=torch.bool,
+                                                                                    device=a.device).reshape(n_examples, -1)
+        a = _rows(a, n_examples)
+    if lay.bias is not None:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a, m
+
+
+def _batch_mask(batch: dict) -> torch.Tensor | None:
+    return batch.get("attention_mask")
+
+
+@dataclass
+class KFACResult:
+    layers: list[KFACLayer]
+    n_data: int
+    log_lik: float  # sum over the fit data of log p(y_n | x_n, theta_MAP)
+
+
+def init_factors(layers: list[KFACLayer], lowrank_threshold: int, n_kfac: int, device) -> None:
+    for lay in layers:
+        out_dim, in_dim = lay.shape
+        lay.A = Factor(in_dim, n_kfac if in_dim > lowrank_threshold else None, device=device)
+        lay.G = Factor(out_dim, n_kfac if out_dim > lowrank_threshold else None, device=device)
+
+
+def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fisher: str, n_samples: int = 1,
+               generator: torch.Generator | None = None) -> float:
+    """Add one batch (captured by :func:`capture`) to the factors; returns the batch's summed log-likelihood."""
+    labels = batch["labels"]
+    B = labels.shape[0]
+    logp = torch.log_softmax(logits.detach().double(), -1)
+    ll = float(logp.gather(1, labels.unsqueeze(1)).sum())
+    V = fisher_vectors(logp.exp(), labels, fisher, n_samples, generator)
+    grads = output_grads(logits, layers, V)
+    mask = _batch_mask(batch)
+    for lay, g in zip(layers, grads):
+        a, m = layer_inputs(lay, B, mask)
+        mf = m.unsqueeze(-1).to(torch.float64)
+        a_bar = (a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0)           # [B, in]: mean over positions
+        S, d_out = g.shape[0], g.shape[-1]
+        g_bar = g.reshape(S, B, -1, d_out).double().sum(2).reshape(S * B, d_out)  # sum over positions
+        lay.A.update(a_bar)
+        lay.G.update(g_bar)
+    for lay in layers:
+        lay._in.clear(), lay._out.clear()
+    return ll
+
+
+def check_eval_mode(module: nn.Module) -> None:
+    active = [n for n, m in module.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+    if active:
+        raise UqloraError(f"KFAC must be fitted without dropout, but {len(active)} dropout modules are in "
+                          f"training mode (e.g. '{active[0]}'); call .eval() first")
+
+
+def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str = "exact", n_samples: int = 1,
+             lowrank_threshold: int = 100, n_kfac: int = 10, device=None, autocast=None, seed: int = 0,
+             progress: bool = True) -> KFACResult:
+    """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode."""
+    if fisher not in FISHERS:
+        raise UqloraError(f"unknown method.fisher '{fisher}'; valid choices: {', '.join(FISHERS)}")
+    if n_kfac < 1:
+        raise UqloraError(f"method.n_kfac must be >= 1, got {n_kfac}")
+    backbone.eval()
+    check_eval_mode(backbone)
+    device = device or next(backbone.parameters()).device
+    init_factors(layers, lowrank_threshold, n_kfac, device)
+    gen = torch.Generator().manual_seed(int(seed))
+    autocast = autocast or contextlib.nullcontext()
+    n, ll = 0, 0.0
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc="Laplace: KFAC factors", disable=not progress, leave=False):
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.enable_grad():
+            with capture(layers), autocast:
+                logits = backbone.logits(batch)
+            if not torch.isfinite(logits).all():
+                raise UqloraError("non-finite logits while fitting the KFAC factors (a diverged MAP model?)")
+            ll += accumulate(layers, logits, batch, fisher, n_samples, gen)
+        n += int(batch["labels"].shape[0])
+    if n == 0:
+        raise UqloraError("the Laplace fit split is empty")
+    return KFACResult(layers, n, ll)
+
+
+def per_example_jacobians(layers: list[KFACLayer], logits: torch.Tensor, batch: dict) -> list[torch.Tensor]:
+    """Exact Jacobians of the C logits w.r.t. each layer's weight matrix, per example: ``[B, C, out, in]``.
+    One vmapped backward pass of the C unit vectors after the forward pass captured by :func:`capture`;
+    ``J = sum_t g_t a_t^T`` over the example's positions (pad positions have zero gradient)."""
+    B, C = logits.shape
+    V = torch.eye(C, dtype=logits.dtype, device=logits.device).unsqueeze(1).expand(C, B, C)
+    grads = output_grads(logits, layers, V)
+    mask = _batch_mask(batch)
+    jacs = []
+    for lay, g in zip(layers, grads):
+        a, _ = layer_inputs(lay, B, mask)
+        dt = torch.promote_types(a.dtype, torch.float32) if a.dtype != torch.float64 else torch.float64
+        g = g.reshape(C, B, -1, g.shape[-1]).to(dt)
+        jacs.append(torch.einsum("cbto,bti->bcoi", g, a.to(dt)))
+    for lay in layers:
+        lay._in.clear(), lay._out.clear()
+    return jacs

@@ -1,0 +1,269 @@
+"""Laplace-LoRA (Yang, Robeyns, Wang and Aitchison, ICLR 2024): a post-hoc Kronecker-factored Laplace
+approximation over the LoRA (+ head) weights of a MAP fine-tuned model.
+
+Stages: MAP training (or the adapter of a finished run, ``method.map_run=<run dir>``) -> KFAC factors over
+the ``fit_split`` (train; never test) in eval mode -> prior precision (``prior.method``: ``marglik`` the
+evidence, ``val_nll`` the predictive NLL on ``prior.split`` by grid or gradient search, ``fixed``) ->
+predictive: linearised GLM (``link``: probit | mc | bridge) or NN sampling (``pred_type=nn``).
+
+``subset=all`` covers every LoRA A/B matrix and the trained head; ``subset=last_layer`` the head only
+(the last-layer Laplace baseline, LLLA). Factor wider than ``lowrank_threshold``: rank ``n_kfac``.
+The fitted posterior is ``checkpoints/method_state.pt``; ``eval.py`` reuses it without refitting.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from uqlora.core.kfac import FISHERS, SUBSETS, capture, fit_kfac, per_example_jacobians, select_layers
+from uqlora.core.laplace import LINKS, KronPosterior, glm_predictive
+from uqlora.errors import UqloraError
+from uqlora.methods import register
+from uqlora.methods.base import UQMethod
+
+log = logging.getLogger(__name__)
+PRIOR_METHODS = ("marglik", "val_nll", "fixed")
+
+
+@dataclass
+class PriorConfig:
+    method: str = "marglik"       # marglik | val_nll | fixed
+    structure: str = "scalar"     # scalar | layerwise (one precision per layer)
+    init: float = 1.0             # starting value (the value itself for method=fixed)
+    split: str = "val"            # val_nll: the split whose NLL is minimised
+    search: str = "grid"          # val_nll: grid (scalar) | gradient
+    grid: List[float] = field(default_factory=lambda: [10.0 ** (k / 2) for k in range(-8, 9)])
+    steps: int = 300              # Adam steps (marglik; val_nll gradient)
+    lr: float = 0.1
+
+
+@dataclass
+class LaplaceConfig:
+    name: str = "laplace"
+    subset: str = "all"           # all | last_layer
+    fisher: str = "exact"         # exact | mc | empirical
+    fisher_samples: int = 1       # mc: labels sampled per example
+    n_kfac: int = 10              # rank kept for wide factors (paper: 10)
+    lowrank_threshold: int = 100  # factors wider than this are low rank (paper: 100)
+    fit_split: str = "train"
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    pred_type: str = "glm"        # glm | nn
+    link: str = "probit"          # glm: probit | mc | bridge
+    num_samples: int = 100        # mc link: logit samples; nn: weight draws
+    eval_seed: int = 0
+    seed: int = 0                 # mc Fisher labels
+    map_run: Optional[str] = None  # reuse this run directory's MAP adapter instead of training
+
+
+def _check(c) -> None:
+    for key, value, valid in (("subset", c.subset, SUBSETS), ("fisher", c.fisher, FISHERS), ("link", c.link, LINKS),
+                              ("pred_type", c.pred_type, ("glm", "nn")), ("prior.method", c.prior.method, PRIOR_METHODS),
+                              ("prior.structure", c.prior.structure, ("scalar", "layerwise")),
+                              ("prior.search", c.prior.search, ("grid", "gradient"))):
+        if value not in valid:
+            raise UqloraError(f"unknown method.{key} '{value}'; valid choices: {', '.join(valid)}")
+    for key, value in (("num_samples", c.num_samples), ("fisher_samples", c.fisher_samples), ("n_kfac", c.n_kfac)):
+        if int(value) < 1:
+            raise UqloraError(f"method.{key} must be >= 1, got {value}")
+    if float(c.prior.init) <= 0:
+        raise UqloraError(f"method.prior.init must be > 0, got {c.prior.init}")
+    for key, split in (("fit_split", c.fit_split), ("prior.split", c.prior.split)):
+        if split == "test":
+            raise UqloraError(f"method.{key}=test would fit on the test split; use train, val or calib")
+    if c.prior.method == "val_nll" and c.prior.search == "grid" and c.prior.structure == "layerwise":
+        raise UqloraError("method.prior.structure=layerwise needs prior.search=gradient (a grid covers one scalar)")
+
+
+@register("laplace", LaplaceConfig)
+class LaplaceMethod(UQMethod):
+    def __init__(self, backbone, cfg):
+        super().__init__(backbone, cfg)
+        _check(self.mcfg)
+        self.layers = select_layers(backbone, self.mcfg.subset)
+        self.needs_grad_in_predict = self.mcfg.pred_type == "glm"
+        self.precision = str(cfg.model.get("precision", "32-true"))
+        self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+        self.show_progress = cfg.get("progress_bar", "rich") != "none"
+        self.posterior: KronPosterior | None = None
+        self.tuning: dict = {}
+        self._draws = None
+        self._gen: torch.Generator | None = None
+
+    # --- fitting ------------------------------------------------------------------------------------------
+    def _fit_device(self) -> torch.device:
+        if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def _autocast(self, device):
+        if self.precision.startswith("bf16"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.precision.startswith("16"):
+            return torch.autocast(device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def posthoc_fit(self, datamodule) -> None:
+        c = self.mcfg
+        device = self._fit_device()
+        self.backbone.to(device)
+        res = fit_kfac(self.backbone, datamodule.loader(c.fit_split), self.layers, fisher=c.fisher,
+                       n_samples=int(c.fisher_samples), lowrank_threshold=int(c.lowrank_threshold),
+                       n_kfac=int(c.n_kfac), device=device, autocast=self._autocast(device), seed=int(c.seed),
+                       progress=self.show_progress)
+        post = KronPosterior.from_kfac(res, float(c.prior.init), c.prior.structure)
+        post = KronPosterior.from_state_dict({k: _cpu(v) for k, v in post.state_dict().items()})
+        self.posterior = post
+        self.tuning = {"n_fit": res.n_data, "log_lik": res.log_lik, "params": post.num_params,
+                       "posterior_floats": post.memory_floats(),
+                       "log_marglik_init": float(post.log_marginal_likelihood())}
+        if c.prior.method == "marglik":
+            post.optimize_marglik(steps=int(c.prior.steps), lr=float(c.prior.lr))
+        elif c.prior.method == "val_nll":
+            self._tune_val_nll(datamodule, device)
+        self.tuning.update(prior_precision=[float(d) for d in post.prior_precision.unique()] if c.prior.structure == "scalar"
+                           else [float(d) for d in post.prior_precision],
+                           log_marglik=float(post.log_marginal_likelihood()))
+        log.info("Laplace: %d params in %d layers, N=%d, prior precision %s, log evidence %.2f",
+                 post.num_params, len(self.layers), res.n_data, self.tuning["prior_precision"][:4],
+                 self.tuning["log_marglik"])
+        self.fitted = True
+
+    def _glm_terms(self, batch):
+        """``(f_mu [B, C], projections)`` of one batch: one forward and one vmapped backward pass."""
+        with torch.enable_grad():
+            with capture(self.layers):
+                logits = self.backbone.logits(batch)
+            jacs = per_example_jacobians(self.layers, logits, batch)
+        post = self.posterior
+        proj = post.project([J.to(q.device) for J, q in zip(jacs, post.Qa)]) if jacs[0].device != post.Qa[0].device \
+            else post.project(jacs)
+        return logits.detach(), proj
+
+    def _tune_val_nll(self, datamodule, device) -> None:
+        from tqdm.auto import tqdm
+
+        c, post = self.mcfg, self.posterior
+        self.backbone.eval()
+        cache = []
+        for batch in tqdm(datamodule.loader(c.prior.split), desc=f"Laplace: prior on {c.prior.split}",
+                          disable=not self.show_progress, leave=False):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with self._autocast(device):
+                f_mu, proj = self._glm_terms(batch)
+            proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
+            mask = batch.get("choice_mask")
+            cache.append((f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()))
+
+        link = c.link if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
+
+        def nll(delta: torch.Tensor) -> torch.Tensor:
+            tot, n = 0.0, 0
+            for f_mu, proj, y, mask in cache:
+                p, _ = glm_predictive(f_mu, post.functional_variance(proj, delta), link, mask=mask)
+                tot = tot - torch.log(p.gather(1, y.unsqueeze(1)).clamp(min=1e-12)).sum()
+                n += y.numel()
+            return tot / n
+
+        L = len(post.names)
+        grid = sorted(float(g) for g in c.prior.grid)
+        if any(g <= 0 for g in grid):
+            raise UqloraError(f"method.prior.grid values must be > 0, got {grid}")
+        scores = [float(nll(torch.full((L,), g, dtype=torch.float64))) for g in grid]
+        best = grid[min(range(len(grid)), key=scores.__getitem__)]
+        self.tuning["val_nll_grid"] = dict(zip(map(str, grid), scores))
+        post.prior_precision = best
+        if c.prior.search == "gradient":
+            n = 1 if c.prior.structure == "scalar" else L
+            log_d = torch.full((n,), math.log(best), dtype=torch.float64, requires_grad=True)
+            opt = torch.optim.Adam([log_d], lr=float(c.prior.lr))
+            for _ in range(int(c.prior.steps)):
+                opt.zero_grad()
+                loss = nll(log_d.exp().expand(L))
+                loss.backward()
+                opt.step()
+            post.prior_precision = log_d.detach().exp()
+        self.tuning["val_nll"] = float(nll(post.prior_precision))
+
+    # --- predictive -----------------------------------------------------------------------------------------
+    def _require(self):
+        if self.posterior is None:
+            raise UqloraError("Laplace predictive before the posterior was fitted or loaded")
+        return self.posterior
+
+    def on_predict_start(self):
+        post = self._require()
+        c = self.mcfg
+        self._gen = torch.Generator().manual_seed(int(c.eval_seed))
+        if c.pred_type == "nn":
+            self._draws = post.sample(int(c.num_samples), generator=self._gen)
+
+    def on_predict_end(self):
+        if self._draws is not None:
+            self._assign(self.posterior.theta)
+        self._draws = None
+
+    def _assign(self, mats) -> None:
+        for lay, m in zip(self.layers, mats):
+            lay.assign(m)
+
+    def _glm(self, batch):
+        post = self._require()
+        if self._gen is None:
+            self.on_predict_start()
+        f_mu, proj = self._glm_terms(batch)
+        fvar = post.functional_variance([(m.to(post.Qa[0].device), None if i is None else i.to(post.Qa[0].device))
+                                         for m, i in proj])
+        probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), self.mcfg.link, int(self.mcfg.num_samples),
+                                        generator=self._gen, mask=_cpu(batch.get("choice_mask")))
+        dev = batch["labels"].device
+        return probs.float().to(dev), None if samples is None else samples.float().to(dev)
+
+    def predictive(self, batch):
+        if self.mcfg.pred_type == "glm":
+            return self._glm(batch)[0]
+        return self.predictive_samples(batch).mean(0)
+
+    def predictive_samples(self, batch):
+        if self.mcfg.pred_type == "glm":
+            return self._glm(batch)[1]  # None unless link=mc
+        if self._draws is None:
+            self.on_predict_start()
+        out = []
+        for s in range(self._draws[0].shape[0]):
+            self._assign([d[s] for d in self._draws])
+            out.append(self(batch).softmax(-1))
+        self._assign(self.posterior.theta)
+        return torch.stack(out)
+
+    # --- persistence ------------------------------------------------------------------------------------------
+    def method_state_dict(self):
+        if self.posterior is None:
+            return {}
+        return {"posterior": self.posterior.state_dict(), "subset": self.mcfg.subset,
+                "tuning": {k: v for k, v in self.tuning.items() if isinstance(v, (int, float, list))}}
+
+    def load_method_state_dict(self, state):
+        if not state or "posterior" not in state:
+            raise UqloraError("this run directory has no fitted Laplace posterior (checkpoints/method_state.pt)")
+        post = KronPosterior.from_state_dict(state["posterior"])
+        names = [lay.name for lay in self.layers]
+        if post.names != names:
+            raise UqloraError(f"the saved posterior covers other layers ({len(post.names)}, subset="
+                              f"{state.get('subset')}) than this model ({len(names)}, subset={self.mcfg.subset})")
+        self.posterior = post
+        self.tuning = dict(state.get("tuning", {}))
+        self._assign(post.theta)
+        self.fitted = True
+
+
+def _cpu(v):
+    if torch.is_tensor(v):
+        return v.detach().cpu()
+    if isinstance(v, list):
+        return [_cpu(x) for x in v]
+    return v

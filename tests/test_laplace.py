@@ -1,0 +1,412 @@
+"""Laplace-LoRA: KFAC factors, posterior, evidence and predictives against brute force in float64 on a
+tiny LoRA net (a few hundred parameters); then the method end to end (tiny and real models), eval.py
+reusing the saved posterior, and a MAP run reused through method.map_run."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from test_swag import _cfg, _eval, _save_hydra
+from uqlora.core.kfac import Factor, capture, fit_kfac, per_example_jacobians, select_layers
+from uqlora.core.laplace import KronPosterior, glm_predictive
+from uqlora.errors import UqloraError
+from uqlora.pipeline import train
+
+F64 = torch.float64
+D_IN, R, H, C = 5, 2, 4, 3
+
+
+class TinyLoRANet(nn.Module):
+    """x [B, (T,) D_IN] -> frozen base + LoRA(B A) -> tanh -> (masked mean over T) -> dropout -> head."""
+
+    def __init__(self, seed=0, dropout=0.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = nn.Linear(D_IN, H).requires_grad_(False)
+        self.lora_A = nn.Linear(D_IN, R, bias=False)
+        self.lora_B = nn.Linear(R, H, bias=False)
+        self.drop = nn.Dropout(dropout)
+        self.head_input = nn.Identity()
+        self.head = nn.Linear(H, C)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g, dtype=F64) * 0.7
+
+    def forward(self, batch):
+        return self.logits(batch)
+
+    def head_parameters(self):
+        return self.head.weight, self.head.bias
+
+    def logits(self, batch):
+        x = batch["x"]
+        h = torch.tanh(self.base(x) + self.lora_B(self.lora_A(x)))
+        if h.dim() == 3:
+            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            h = (h * m).sum(1) / m.sum(1)
+        return self.head(self.head_input(self.drop(h)))
+
+
+def _data(n=7, T=None, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, D_IN) if T is None else (n, T, D_IN)
+    batch = {"x": torch.randn(shape, generator=g, dtype=F64), "labels": torch.randint(0, C, (n,), generator=g)}
+    if T is not None:
+        lengths = torch.randint(1, T + 1, (n,), generator=g)
+        batch["attention_mask"] = (torch.arange(T)[None] < lengths[:, None]).long()
+        batch["x"] = batch["x"] * batch["attention_mask"].unsqueeze(-1)  # pads are zeros (overwritten below)
+    return batch
+
+
+def _loader(batch, bs):
+    n = batch["labels"].shape[0]
+    return [{k: v[i:i + bs] for k, v in batch.items()} for i in range(0, n, bs)]
+
+
+def _fit(net, batch, bs=3, **kw):
+    layers = select_layers(net, "all")
+    res = fit_kfac(net, _loader(batch, bs), layers, progress=False, **kw)
+    return layers, res
+
+
+PARAMS = {"lora_A": ["lora_A.weight"], "lora_B": ["lora_B.weight"], "head": ["head.weight", "head.bias"]}
+
+
+def _layer_jac(net, lay_name, batch):
+    """d logits / d W_aug (bias as the last column, row-major) per example, by brute force: [B, C, out*in]."""
+    names = PARAMS[lay_name]
+    params = {n: p.detach() for n, p in net.named_parameters() if n in names}
+    jac = jacrev(lambda ps: functional_call(net, ps, (batch,)))(params)
+    B, Cc, out = jac[names[0]].shape[:3]
+    return torch.cat([jac[n].reshape(B, Cc, out, -1) for n in names], -1).reshape(B, Cc, -1)
+
+
+def _dense_ggn(net, batch, names=("lora_A", "lora_B", "head")):
+    """Exact GGN sum_n J_n^T (diag p - p p^T) J_n per layer block."""
+    with torch.no_grad():
+        p = net.logits(batch).softmax(-1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    return {n: torch.einsum("bcp,bcd,bdq->pq", _layer_jac(net, n, batch), lam, _layer_jac(net, n, batch))
+            for n in names}
+
+
+# --- factors ----------------------------------------------------------------------------------------------
+def test_factors_equal_hand_computed_covariances():
+    net = TinyLoRANet()
+    batch = _data(7)
+    layers, res = _fit(net, batch)
+    x, y = batch["x"], batch["labels"]
+    with torch.no_grad():
+        u = net.lora_A(x)
+        h = torch.tanh(net.base(x) + net.lora_B(u))
+        p = net.head(h).softmax(-1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    W = net.head.weight.detach()
+    dh = (1 - h ** 2)                                   # d tanh
+    Jh = W.unsqueeze(0) * dh.unsqueeze(1)               # d logits / d (pre-activation) [B, C, H]
+    Ju = Jh @ net.lora_B.weight.detach()                # d logits / d u [B, C, R]
+    expect = {
+        "lora_A": (x.T @ x, torch.einsum("bcr,bcd,bds->rs", Ju, lam, Ju)),
+        "lora_B": (u.T @ u, torch.einsum("bch,bcd,bdk->hk", Jh, lam, Jh)),
+        "head": ((lambda a: a.T @ a)(torch.cat([h, torch.ones(7, 1, dtype=F64)], 1)), lam.sum(0)),
+    }
+    assert res.n_data == 7
+    assert res.log_lik == pytest.approx(float(torch.log(p.gather(1, y[:, None])).sum()), abs=1e-12)
+    for lay in layers:
+        A, G = expect[lay.name]
+        torch.testing.assert_close(lay.A.dense(), A, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lay.G.dense(), G, rtol=1e-10, atol=1e-12)
+
+
+def test_one_data_point_kfac_equals_exact_ggn():
+    net = TinyLoRANet(seed=3)
+    batch = _data(1, seed=4)
+    layers, res = _fit(net, batch, bs=1)
+    ggn = _dense_ggn(net, batch)
+    for lay in layers:
+        kfac = torch.kron(lay.G.dense(), lay.A.dense()) / res.n_data
+        torch.testing.assert_close(kfac, ggn[lay.name], rtol=1e-9, atol=1e-12)
+
+
+def test_fisher_variants_mc_and_empirical():
+    net = TinyLoRANet()
+    batch = _data(6)
+    _, exact = _fit(net, batch)
+    _, emp = _fit(net, batch, fisher="empirical")
+    with torch.no_grad():
+        p = net.logits(batch).softmax(-1)
+    v = p - torch.eye(C, dtype=F64)[batch["labels"]]
+    head_emp = [lay for lay in emp.layers if lay.name == "head"][0]
+    torch.testing.assert_close(head_emp.G.dense(), v.T @ v, rtol=1e-10, atol=1e-12)
+    _, mc = _fit(net, batch, fisher="mc", n_samples=4000, seed=0)
+    for a, b in zip(exact.layers, mc.layers):
+        torch.testing.assert_close(b.G.dense(), a.G.dense(), rtol=0.1, atol=0.03)
+        torch.testing.assert_close(b.A.dense(), a.A.dense())  # activations do not depend on the labels
+
+
+def test_sequences_padding_and_ragged_batches_do_not_change_factors():
+    net = TinyLoRANet(seed=5)
+    batch = _data(7, T=4, seed=6)
+    _, ref = _fit(net, batch, bs=7)
+    padded = {k: v.clone() for k, v in batch.items()}
+    padded["x"] = torch.cat([padded["x"], torch.randn(7, 3, D_IN, dtype=F64)], 1)        # garbage at pad positions
+    padded["x"][:, :4][batch["attention_mask"] == 0] = 5.0
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(7, 3, dtype=torch.long)], 1)
+    _, other = _fit(net, padded, bs=3)                                          # ragged: 3 + 3 + 1
+    for a, b in zip(ref.layers, other.layers):
+        torch.testing.assert_close(b.A.dense(), a.A.dense(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.G.dense(), a.G.dense(), rtol=1e-10, atol=1e-12)
+    # KFAC-reduce: A from the masked mean input, G from the summed output gradients of each sequence
+    x, m = batch["x"], batch["attention_mask"].unsqueeze(-1).double()
+    x_bar = (x * m).sum(1) / m.sum(1)
+    lora_a = [lay for lay in ref.layers if lay.name == "lora_A"][0]
+    torch.testing.assert_close(lora_a.A.dense(), x_bar.T @ x_bar, rtol=1e-10, atol=1e-12)
+
+
+def test_fit_runs_in_eval_mode_and_is_deterministic():
+    net = TinyLoRANet(dropout=0.5).train()
+    batch = _data(7)
+    _, a = _fit(net, batch)
+    assert not net.drop.training
+    net.train()
+    _, b = _fit(net, batch)
+    for la, lb in zip(a.layers, b.layers):
+        torch.testing.assert_close(la.G.dense(), lb.G.dense(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("d,rank,rows", [(6, 6, 40), (9, 12, 5), (9, 9, 300)])
+def test_lowrank_factor_equals_dense_when_rank_is_full(d, rank, rows):
+    g = torch.Generator().manual_seed(0)
+    dense, low = Factor(d), Factor(d, rank=rank)
+    for chunk in torch.randn(rows, d, generator=g, dtype=F64).split(7):
+        dense.update(chunk)
+        low.update(chunk)
+    torch.testing.assert_close(low.dense(), dense.dense(), rtol=1e-10, atol=1e-10)
+    Q, lam = low.eig()
+    torch.testing.assert_close(Q @ torch.diag(lam) @ Q.T, dense.dense(), rtol=1e-10, atol=1e-10)
+    other, other_low = Factor(d), Factor(d, rank=rank)  # merging (another process's sum)
+    v = torch.randn(11, d, generator=g, dtype=F64)
+    other.update(v), other_low.update(v)
+    dense.merge(other), low.merge(other_low)
+    torch.testing.assert_close(low.dense(), dense.dense(), rtol=1e-10, atol=1e-10)
+
+
+def test_lowrank_factor_keeps_the_top_eigenspace():
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=F64))[0]
+    scales = torch.tensor([10.0, 5.0, 3.0] + [0.01] * 27, dtype=F64)
+    rows = torch.randn(500, 30, generator=g, dtype=F64) * scales @ basis.T
+    low, dense = Factor(30, rank=3), Factor(30)
+    for c in rows.split(50):
+        low.update(c), dense.update(c)
+    err = torch.linalg.matrix_norm(low.dense() - dense.dense(), 2) / torch.linalg.matrix_norm(dense.dense(), 2)
+    assert err < 1e-3
+
+
+# --- posterior ------------------------------------------------------------------------------------------------
+def _posterior(net, batch, lowrank=False, delta=0.7, structure="scalar"):
+    kw = {"lowrank_threshold": 3, "n_kfac": 2} if lowrank else {}
+    layers, res = _fit(net, batch, **kw)
+    post = KronPosterior.from_kfac(res, delta, structure)
+    return layers, res, post
+
+
+def _dense_precision(layers, res, delta):
+    blocks = [torch.kron(lay.G.dense(), lay.A.dense()) / res.n_data + d * torch.eye(lay.shape[0] * lay.shape[1], dtype=F64)
+              for lay, d in zip(layers, delta)]
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_glm_variance_equals_dense_J_Sigma_Jt(lowrank):
+    net = TinyLoRANet(seed=2)
+    layers, res, post = _posterior(net, _data(9, seed=3), lowrank=lowrank)
+    if lowrank:
+        assert not all(post.full)
+    test = _data(4, seed=8)
+    Sigma = torch.linalg.inv(_dense_precision(layers, res, post.prior_precision))
+    J = torch.cat([_layer_jac(net, n, test) for n in ("lora_A", "lora_B", "head")], -1)  # [B, C, P]
+    dense = torch.einsum("bcp,pq,bdq->bcd", J, Sigma, J)
+    with torch.enable_grad(), capture(layers):
+        logits = net.logits(test)
+    fvar = post.functional_variance(post.project(per_example_jacobians(layers, logits, test)))
+    torch.testing.assert_close(fvar, dense, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(post.dense_covariance(), Sigma, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["scalar", "layerwise"])
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_log_marginal_likelihood_equals_dense_formula(structure, lowrank):
+    net = TinyLoRANet(seed=4)
+    batch = _data(8, seed=5)
+    delta = torch.tensor([0.3, 2.0, 0.9]) if structure == "layerwise" else 0.5
+    layers, res, post = _posterior(net, batch, lowrank=lowrank, delta=delta, structure=structure)
+    d = post.prior_precision
+    P = _dense_precision(layers, res, d)
+    P0 = torch.block_diag(*[dd * torch.eye(lay.shape[0] * lay.shape[1], dtype=F64) for lay, dd in zip(layers, d)])
+    theta = [lay.matrix().flatten() for lay in layers]
+    scatter = sum(dd * (t @ t) for dd, t in zip(d, theta))  # squared norms
+    with torch.no_grad():
+        ll = torch.log_softmax(net.logits(batch), -1).gather(1, batch["labels"][:, None]).sum()
+    expect = ll - 0.5 * (torch.logdet(P) - torch.logdet(P0) + scatter)
+    assert float(post.log_marginal_likelihood()) == pytest.approx(float(expect), rel=1e-10)
+    assert float(post.log_det_posterior_precision()) == pytest.approx(float(torch.logdet(P)), rel=1e-10)
+
+
+def test_marglik_optimisation_finds_the_evidence_maximum():
+    net = TinyLoRANet(seed=6)
+    _, _, post = _posterior(net, _data(12, seed=7))
+    post.optimize_marglik(steps=600, lr=0.1)
+    best = float(post.prior_precision[0])
+    grid = torch.logspace(-3, 3, 2001, dtype=F64)
+    vals = torch.stack([post.log_marginal_likelihood(torch.full((3,), float(g))) for g in grid])
+    assert best == pytest.approx(float(grid[vals.argmax()]), rel=0.02)
+
+
+def test_weight_samples_have_the_posterior_covariance():
+    net = TinyLoRANet(seed=7)
+    layers, res, post = _posterior(net, _data(9, seed=1), lowrank=True, delta=3.0)
+    g = torch.Generator().manual_seed(0)
+    draws = post.sample(40000, generator=g)
+    flat = torch.cat([d.reshape(d.shape[0], -1) for d in draws], 1)
+    mean = torch.cat([t.flatten() for t in post.theta])
+    cov = torch.cov(flat.T)
+    Sigma = post.dense_covariance()
+    se = torch.sqrt((Sigma.diag()[:, None] * Sigma.diag()[None] + Sigma ** 2) / 40000)
+    assert ((cov - Sigma).abs() <= 5 * se + 1e-12).float().mean() > 0.99
+    assert ((flat.mean(0) - mean).abs() <= 5 * Sigma.diag().sqrt() / 200).all()
+
+
+def test_state_dict_roundtrip():
+    net = TinyLoRANet(seed=8)
+    layers, res, post = _posterior(net, _data(9), lowrank=True, delta=torch.tensor([0.2, 1.0, 5.0]),
+                                   structure="layerwise")
+    again = KronPosterior.from_state_dict(post.state_dict())
+    assert float(again.log_marginal_likelihood()) == float(post.log_marginal_likelihood())
+    torch.testing.assert_close(again.dense_covariance(), post.dense_covariance(), rtol=0, atol=0)
+
+
+# --- links ------------------------------------------------------------------------------------------------------
+def _f(B=64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    f_mu = torch.randn(B, C, generator=g, dtype=F64) * 2
+    L = torch.randn(B, C, C, generator=g, dtype=F64) * scale
+    return f_mu, L @ L.transpose(1, 2)
+
+
+def test_probit_matches_mc_with_many_samples():
+    g = torch.Generator().manual_seed(0)
+    # binary case (one logit random): the classic probit approximation of E[sigmoid(f)], f ~ N(mu, v)
+    mu = torch.linspace(-4, 4, 81, dtype=F64)
+    for v in (0.5, 3.0, 10.0):
+        f_mu = torch.stack([mu, torch.zeros_like(mu)], 1)
+        f_var = torch.diag_embed(torch.stack([torch.full_like(mu, v), torch.zeros_like(mu)], 1))
+        probit, _ = glm_predictive(f_mu, f_var, "probit")
+        mc, samples = glm_predictive(f_mu, f_var, "mc", n_samples=100000, generator=g)
+        assert (probit - mc).abs().max() < 0.012
+    # C = 3 with moderate variances: close on average (the multiclass probit is a per-logit approximation)
+    f_mu = torch.randn(256, C, generator=g, dtype=F64) * 2
+    f_var = torch.diag_embed(torch.rand(256, C, generator=g, dtype=F64) * 0.3)
+    probit, _ = glm_predictive(f_mu, f_var, "probit")
+    mc, samples = glm_predictive(f_mu, f_var, "mc", n_samples=20000, generator=g)
+    assert samples.shape == (20000, 256, C)
+    torch.testing.assert_close(mc, samples.mean(0))       # the probabilities are averaged, not the logits
+    assert (probit - mc).abs().mean() < 0.006
+    zero, _ = glm_predictive(f_mu, torch.zeros_like(f_var), "mc", n_samples=3)
+    torch.testing.assert_close(zero, f_mu.softmax(-1))     # no variance: the MAP softmax
+
+
+def test_bridge_and_masked_choices():
+    f_mu = torch.tensor([[1.0, -0.5, 0.2]], dtype=F64)
+    f_var = torch.diag(torch.tensor([0.5, 0.3, 0.8], dtype=F64)).unsqueeze(0)
+    p, _ = glm_predictive(f_mu, f_var, "bridge")
+    # hand-computed: zero-mean correction, then alpha_k = (1 - 2/K + e^mu_k / K^2 * sum_j e^-mu_j) / var_kk
+    v = f_var[0]
+    tot = v.sum()
+    mu = f_mu[0] - v.sum(-1) * f_mu[0].sum() / tot
+    vc = v - torch.outer(v.sum(-1), v.sum(-2)) / tot
+    alpha = (1 - 2 / 3 + mu.exp() / 9 * torch.exp(-mu).sum()) / vc.diag()
+    torch.testing.assert_close(p[0], alpha / alpha.sum())
+    mask = torch.tensor([[True, True, False]])
+    f_mu_m = f_mu.clone()
+    f_mu_m[0, 2] = -1e9
+    f_var_m = f_var.clone()
+    f_var_m[0, 2, 2] = 0.0
+    for link in ("probit", "mc", "bridge"):
+        pm, _ = glm_predictive(f_mu_m, f_var_m, link, n_samples=50, mask=mask)
+        assert pm[0, 2] == 0 and pm.sum().item() == pytest.approx(1.0)
+    pb, _ = glm_predictive(f_mu_m, f_var_m, "bridge", mask=mask)
+    p2, _ = glm_predictive(f_mu[:, :2], f_var[:, :2, :2], "bridge")
+    torch.testing.assert_close(pb[:, :2], p2)
+
+
+# --- the method ---------------------------------------------------------------------------------------------------
+TINY = ["model=tiny_bert", "method=laplace", "trainer.max_steps=6", "data.max_train_samples=48",
+        "data.max_test_samples=24", "data.max_val_samples=16"]
+
+
+def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, "lap", *TINY, "method.lowrank_threshold=16", "method.n_kfac=4")
+    m, objs = train(cfg)
+    run = objs["run_dir"]
+    _save_hydra(cfg, run)
+    res = json.loads((run / "results.json").read_text())
+    post = res["train"]["posthoc"]
+    assert post["n_fit"] == res["splits"]["train"] and post["prior_precision"][0] > 0
+    assert post["log_marglik"] >= post["log_marglik_init"] - 1e-6  # marglik never lowers the evidence
+    state = torch.load(run / "checkpoints" / "method_state.pt", weights_only=True)
+    assert len(state["posterior"]["names"]) == 9  # 2 layers x (q, v) x (A, B) + head
+    from uqlora.methods import laplace as lap
+
+    def no_refit(*a, **k):
+        raise AssertionError("eval.py must not refit the posterior")
+
+    monkeypatch.setattr(lap, "fit_kfac", no_refit)
+    again, _ = _eval(tmp_path, run)
+    for k in ("acc", "nll", "ece", "brier"):
+        assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-6)
+    monkeypatch.undo()
+    # the same MAP adapter, reused: last-layer Laplace with the NN-sampling predictive, no training
+    cfg2 = _cfg(tmp_path, "llla", *TINY, f"method.map_run={run}", "method.subset=last_layer",
+                "method.pred_type=nn", "method.num_samples=5", "method.prior.method=val_nll")
+    m2, objs2 = train(cfg2)
+    res2 = json.loads((objs2["run_dir"] / "results.json").read_text())
+    assert res2["train"]["map_run"] == str(run) and "steps" not in res2["train"]
+    a = torch.load(run / "checkpoints" / "adapter.pt", weights_only=True)
+    b = torch.load(objs2["run_dir"] / "checkpoints" / "adapter.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert np.load(objs2["run_dir"] / "predictions" / "test.npz")["samples"].shape == (5, 24, 2)
+    assert len(res2["train"]["posthoc"]["val_nll_grid"]) == 17
+    with pytest.raises(UqloraError, match="another model config"):
+        train(_cfg(tmp_path, "bad", *TINY, f"method.map_run={run}", "model.lora.r=4"))
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("method.link=nosuch", "valid choices: probit, mc, bridge"),
+    ("method.fit_split=test", "test split"),
+    ("method.subset=nosuch", "valid choices: all, last_layer"),
+    ("method.num_samples=0", "num_samples must be >= 1"),
+])
+def test_bad_laplace_options_fail_with_one_line(tmp_path, bad, match):
+    with pytest.raises(UqloraError, match=match):
+        train(_cfg(tmp_path, "x", *TINY, bad))
+
+
+@pytest.mark.parametrize("model,data,extra", [
+    ("minilm", "sst2", ["trainer.max_steps=30", "data.max_train_samples=160", "data.max_test_samples=96"]),
+    ("smollm2_135m", "arc_e", ["trainer.max_steps=2", "data.max_train_samples=4", "data.max_test_samples=4",
+                               "data.batch_size=2", "data.max_val_samples=2", "data.eval_batch_size=2"]),
+])
+def test_real_model_laplace_run_and_eval_reuses_posterior(tmp_path, model, data, extra):
+    cfg = _cfg(tmp_path, "run", f"model={model}", f"data={data}", "method=laplace", *extra)
+    m, objs = train(cfg)
+    run = objs["run_dir"]
+    _save_hydra(cfg, run)
+    res = json.loads((run / "results.json").read_text())["train"]["posthoc"]
+    assert math.isfinite(res["log_marglik"]) and res["prior_precision"][0] > 0
+    again, _ = _eval(tmp_path, run)
+    for k in ("acc", "nll", "ece"):
+        assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-5)
