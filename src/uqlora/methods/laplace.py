@@ -49,7 +49,7 @@ class LaplaceConfig:
     fisher: str = "exact"         # exact | mc | empirical
     fisher_samples: int = 1       # mc: labels sampled per example
     n_kfac: int = 10              # rank kept for wide factors (paper: 10)
-    lowrank_threshold: int = 100  # factors wider than this are low rank (paper: 100)
+    lowrank_threshold: int = 1024  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
     fit_split: str = "train"
     prior: PriorConfig = field(default_factory=PriorConfig)
     pred_type: str = "glm"        # glm | nn
@@ -139,10 +139,8 @@ class LaplaceMethod(UQMethod):
             with capture(self.layers):
                 logits = self.backbone.logits(batch)
             jacs = per_example_jacobians(self.layers, logits, batch)
-        post = self.posterior
-        proj = post.project([J.to(q.device) for J, q in zip(jacs, post.Qa)]) if jacs[0].device != post.Qa[0].device \
-            else post.project(jacs)
-        return logits.detach(), proj
+        post = self.posterior  # kept on the CPU: Jacobians are projected there
+        return logits.detach(), post.project([J.to(post.Qa[0].device) for J in jacs])
 
     def _tune_val_nll(self, datamodule, device) -> None:
         from tqdm.auto import tqdm
@@ -216,12 +214,20 @@ class LaplaceMethod(UQMethod):
         if self._gen is None:
             self.on_predict_start()
         f_mu, proj = self._glm_terms(batch)
-        fvar = post.functional_variance([(m.to(post.Qa[0].device), None if i is None else i.to(post.Qa[0].device))
-                                         for m, i in proj])
+        fvar = post.functional_variance(proj)
         probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), self.mcfg.link, int(self.mcfg.num_samples),
                                         generator=self._gen, mask=_cpu(batch.get("choice_mask")))
         dev = batch["labels"].device
         return probs.float().to(dev), None if samples is None else samples.float().to(dev)
+
+    def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        if self.mcfg.pred_type != "glm":
+            return super().predict_step(batch, batch_idx, dataloader_idx)
+        probs, samples = self._glm(batch)  # one forward + one vmapped backward per batch, for every link
+        out = {"probs": probs, "labels": batch["labels"]}
+        if samples is not None:
+            out["samples"] = samples
+        return out
 
     def predictive(self, batch):
         if self.mcfg.pred_type == "glm":
