@@ -286,6 +286,10 @@ def test_state_dict_roundtrip():
                                    structure="layerwise")
     again = KronPosterior.from_state_dict(post.state_dict())
     assert float(again.log_marginal_likelihood()) == float(post.log_marginal_likelihood())
+    other = _posterior(TinyLoRANet(seed=9), _data(5))[2]
+    other.load_state_dict(post.state_dict())
+    assert other.names == post.names and torch.equal(other.prior_precision, post.prior_precision)
+    assert float(other.log_marginal_likelihood()) == float(post.log_marginal_likelihood())
     torch.testing.assert_close(again.dense_covariance(), post.dense_covariance(), rtol=0, atol=0)
 
 

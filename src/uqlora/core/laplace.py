@@ -179,6 +179,9 @@ class KronPosterior:
                 "theta": list(self.theta), "n_data": self.n_data, "log_lik": self.log_lik,
                 "prior_precision": self._delta.clone()}
 
+    def load_state_dict(self, s: dict) -> None:
+        self.__dict__.update(KronPosterior.from_state_dict(s).__dict__)
+
     @classmethod
     def from_state_dict(cls, s: dict) -> "KronPosterior":
         eigs = list(zip(s["Qa"], s["la"], s["Qg"], s["lg"]))
