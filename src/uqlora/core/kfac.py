@@ -236,21 +236,16 @@ def _rows(x: torch.Tensor, n_examples: int) -> torch.Tensor:
 
 
 def layer_inputs(lay: KFACLayer, n_examples: int, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's inputs per example ``[B, T, in(+1)]`` and their position mask ``[B, T]``."""
+    """The layer's inputs per example ``[B, T, in(+1)]`` and their position mask ``[B, T]`` (the head, and
+    any layer fed one vector per example, has T = 1 and no padding)."""
     a = lay._in[-1]
-    if lay.kind == "head" or a.dim() == 2:
-        a, m = _rows(a, n_examples), torch.ones(n_examples, 1, dtype=torch.bool, device=a.device)
-    else:
-        m = mask.reshape(n_examples, -1).bool() if mask is not None else torch.ones(a.shape[:-1], dtype=torch.bool,
-                                                                                    device=a.device).reshape(n_examples, -1)
-        a = _rows(a, n_examples)
+    per_position = a.dim() > 2 and mask is not None
+    a = _rows(a, n_examples)
+    m = mask.reshape(n_examples, -1).bool() if per_position else torch.ones(a.shape[:2], dtype=torch.bool,
+                                                                              device=a.device)
     if lay.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     return a, m
-
-
-def _batch_mask(batch: dict) -> torch.Tensor | None:
-    return batch.get("attention_mask")
 
 
 @dataclass
@@ -276,7 +271,7 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
     ll = float(logp.gather(1, labels.unsqueeze(1)).sum())
     V = fisher_vectors(logp.exp(), labels, fisher, n_samples, generator)
     grads = output_grads(logits, layers, V)
-    mask = _batch_mask(batch)
+    mask = batch.get("attention_mask")
     for lay, g in zip(layers, grads):
         a, m = layer_inputs(lay, B, mask)
         mf = m.unsqueeze(-1).to(torch.float64)
@@ -335,7 +330,7 @@ def per_example_jacobians(layers: list[KFACLayer], logits: torch.Tensor, batch: 
     B, C = logits.shape
     V = torch.eye(C, dtype=logits.dtype, device=logits.device).unsqueeze(1).expand(C, B, C)
     grads = output_grads(logits, layers, V)
-    mask = _batch_mask(batch)
+    mask = batch.get("attention_mask")
     jacs = []
     for lay, g in zip(layers, grads):
         a, _ = layer_inputs(lay, B, mask)
