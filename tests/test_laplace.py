@@ -166,6 +166,43 @@ def test_sequences_padding_and_ragged_batches_do_not_change_factors():
     torch.testing.assert_close(lora_a.A.dense(), x_bar.T @ x_bar, rtol=1e-10, atol=1e-12)
 
 
+def test_kfac_expand_factors_per_position_and_padding_invariant():
+    """KFAC-expand: A = sum_n mean_t a_t a_t^T over the non-pad positions, G = sum_{n,t} g_t g_t^T, where
+    g_t = d(-log p)/d(output at t) (exact Fisher: summed over the C vectors sqrt(p_c)(e_c - p))."""
+    net = TinyLoRANet(seed=5)
+    batch = _data(7, T=4, seed=6)
+    layers, res = _fit(net, batch, bs=7, approx="expand")
+    x, mask = batch["x"], batch["attention_mask"].bool()
+    m = mask.unsqueeze(-1).double()
+    with torch.no_grad():
+        u = net.lora_A(x)
+        pre = net.base(x) + net.lora_B(u)
+        h = torch.tanh(pre)
+        hbar = (h * m).sum(1) / m.sum(1)
+        p = net.head(hbar).softmax(-1)
+    lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+    # d logits / d pre-activation at position t: W diag(1 - h_t^2) / T_n (masked)  -> [B, T, C, H]
+    Jh = net.head.weight.detach()[None, None] * ((1 - h ** 2) * m / m.sum(1, keepdim=True)).unsqueeze(2)
+    Ju = Jh @ net.lora_B.weight.detach()
+    sq = lambda Z: torch.einsum("btcp,bcd,btdq->pq", Z, lam, Z)  # noqa: E731  sum over n, t of J^T Lam J
+    w = (m / m.sum(1, keepdim=True))                           # per-example mean over positions
+    expect = {"lora_A": ((x * w).transpose(1, 2) @ x, sq(Ju)), "lora_B": ((u * w).transpose(1, 2) @ u, sq(Jh))}
+    for lay in layers:
+        if lay.name in expect:
+            A, G = expect[lay.name]
+            torch.testing.assert_close(lay.A.dense(), A.sum(0), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(lay.G.dense(), G, rtol=1e-10, atol=1e-12)
+    padded = {k: v.clone() for k, v in batch.items()}
+    padded["x"] = torch.cat([padded["x"], torch.randn(7, 3, D_IN, dtype=F64)], 1)
+    padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(7, 3, dtype=torch.long)], 1)
+    _, other = _fit(net, padded, bs=3, approx="expand")
+    for a, b in zip(layers, other.layers):
+        torch.testing.assert_close(b.A.dense(), a.A.dense(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(b.G.dense(), a.G.dense(), rtol=1e-10, atol=1e-12)
+    with pytest.raises(UqloraError, match="valid choices: reduce, expand"):
+        _fit(net, batch, approx="nosuch")
+
+
 def test_fit_runs_in_eval_mode_and_is_deterministic():
     net = TinyLoRANet(dropout=0.5).train()
     batch = _data(7)
@@ -393,6 +430,7 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
     ("method.fit_split=test", "test split"),
     ("method.subset=nosuch", "valid choices: all, last_layer"),
     ("method.num_samples=0", "num_samples must be >= 1"),
+    ("method.kfac_approx=nosuch", "valid choices: reduce, expand"),
 ])
 def test_bad_laplace_options_fail_with_one_line(tmp_path, bad, match):
     with pytest.raises(UqloraError, match=match):

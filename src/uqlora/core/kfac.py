@@ -11,8 +11,10 @@ layers, and the classifier head (or the answer rows of a causal LM's head) is on
 
 Sequences (weight sharing over positions, one loss per sequence): KFAC-*reduce* (Eschenhagen et al.
 2023): ``a_n`` = the mean of the layer's inputs over the example's non-pad positions, ``g_n`` = the sum of
-the output gradients over its positions. Padding never enters (pad positions are masked out of the mean
-and get zero gradient), so the factors do not depend on how examples are batched. For the cloze head an
+the output gradients over its positions. KFAC-*expand* (``approx="expand"``, what curvlinops and so
+laplace-torch use by default) instead sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each
+example's positions. Padding never enters (pad positions are masked out and get zero gradient), so the
+factors do not depend on how examples are batched. For the cloze head an
 example is its C continuation sequences together.
 
 Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
@@ -41,6 +43,7 @@ from uqlora.errors import UqloraError
 log = logging.getLogger(__name__)
 FISHERS = ("exact", "mc", "empirical")
 SUBSETS = ("all", "last_layer")
+KFAC_APPROX = ("reduce", "expand")
 
 
 class Factor:
@@ -263,8 +266,12 @@ def init_factors(layers: list[KFACLayer], lowrank_threshold: int, n_kfac: int, d
 
 
 def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fisher: str, n_samples: int = 1,
-               generator: torch.Generator | None = None) -> float:
-    """Add one batch (captured by :func:`capture`) to the factors; returns the batch's summed log-likelihood."""
+               generator: torch.Generator | None = None, approx: str = "reduce") -> float:
+    """Add one batch (captured by :func:`capture`) to the factors; returns the batch's summed log-likelihood.
+
+    ``approx="reduce"``: one row per example (mean input, summed output gradient). ``approx="expand"``:
+    one row per non-pad position, inputs scaled by ``1/sqrt(T_n)`` so A sums each example's *mean* of
+    ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position."""
     labels = batch["labels"]
     B = labels.shape[0]
     logp = torch.log_softmax(logits.detach().double(), -1)
@@ -275,11 +282,15 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
     for lay, g in zip(layers, grads):
         a, m = layer_inputs(lay, B, mask)
         mf = m.unsqueeze(-1).to(torch.float64)
-        a_bar = (a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0)           # [B, in]: mean over positions
         S, d_out = g.shape[0], g.shape[-1]
-        g_bar = g.reshape(S, B, -1, d_out).double().sum(2).reshape(S * B, d_out)  # sum over positions
-        lay.A.update(a_bar)
-        lay.G.update(g_bar)
+        g = g.reshape(S, B, -1, d_out).double()
+        if approx == "expand":
+            a_rows = (a.double() * (mf / mf.sum(1, keepdim=True).clamp(min=1.0)).sqrt())[m]   # [sum T_n, in]
+            lay.A.update(a_rows)
+            lay.G.update(g[:, m].reshape(-1, d_out))                            # pads: zero gradient anyway
+        else:
+            lay.A.update((a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0))  # [B, in]: mean over positions
+            lay.G.update(g.sum(2).reshape(S * B, d_out))                        # sum over positions
     for lay in layers:
         lay._in.clear(), lay._out.clear()
     return ll
@@ -294,8 +305,10 @@ def check_eval_mode(module: nn.Module) -> None:
 
 def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str = "exact", n_samples: int = 1,
              lowrank_threshold: int = 100, n_kfac: int = 10, device=None, autocast=None, seed: int = 0,
-             progress: bool = True) -> KFACResult:
+             progress: bool = True, approx: str = "reduce") -> KFACResult:
     """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode."""
+    if approx not in KFAC_APPROX:
+        raise UqloraError(f"unknown method.kfac_approx '{approx}'; valid choices: {', '.join(KFAC_APPROX)}")
     if fisher not in FISHERS:
         raise UqloraError(f"unknown method.fisher '{fisher}'; valid choices: {', '.join(FISHERS)}")
     if n_kfac < 1:
@@ -316,7 +329,7 @@ def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str =
                 logits = backbone.logits(batch)
             if not torch.isfinite(logits).all():
                 raise UqloraError("non-finite logits while fitting the KFAC factors (a diverged MAP model?)")
-            ll += accumulate(layers, logits, batch, fisher, n_samples, gen)
+            ll += accumulate(layers, logits, batch, fisher, n_samples, gen, approx)
         n += int(batch["labels"].shape[0])
     if n == 0:
         raise UqloraError("the Laplace fit split is empty")
