@@ -40,6 +40,7 @@ from uqlora.models.loading import load_pretrained
 
 log = logging.getLogger(__name__)
 TABLE_KEYS = ("acc", "ece", "nll", "brier")
+PROBABILITY_SCORES = ("adue", "sr")  # per-example uncertainties meant as a probability of error (ECE reported)
 
 
 def load_task(cfg: DictConfig):
@@ -149,6 +150,9 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, timings: dict) ->
             both = "samples" in p and "samples" in o
             m.update(evaluate_ood(p["probs"], o["probs"], samples_in=p["samples"] if both else None,
                                   samples_out=o["samples"] if both else None))
+        uncertainty = {k[2:]: p[k] for k in p if k.startswith("u_")}  # per-example scores (e.g. AdUE's)
+        if uncertainty:
+            m.update(error_detection(cfg, run_dir, split, p, uncertainty, n_bins, logger))
         metrics[split] = m
         plot = reliability_diagram(p["probs"], p["labels"], run_dir / "plots" / f"reliability_{split}.png",
                                    n_bins=n_bins, title=f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: {split}")
@@ -159,6 +163,19 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, timings: dict) ->
         log_table(logger, f"{split}/calibration_table", ["bin_lo", "bin_hi", "confidence", "accuracy", "count"], rows)
         log_summary(logger, {f"{split}/{k}": v for k, v in m.items()})
     return metrics
+
+
+def error_detection(cfg, run_dir: Path, split: str, p: dict, uncertainty: dict, n_bins: int, logger) -> dict:
+    """Misclassification detection by each per-example uncertainty score, and their risk-coverage plot."""
+    from uqlora.metrics import evaluate_error_detection, risk_coverage_curve, risk_coverage_plot
+
+    correct = p["probs"].argmax(1) == p["labels"]
+    m = evaluate_error_detection(uncertainty, correct, n_bins=n_bins, probability_scores=PROBABILITY_SCORES)
+    curves = {name: risk_coverage_curve(-np.asarray(u, dtype=np.float64), correct) for name, u in uncertainty.items()}
+    plot = risk_coverage_plot(curves, run_dir / "plots" / f"risk_coverage_{split}.png",
+                              title=f"{cfg.method.name} / {cfg.model.name} / {cfg.data.name}: {split}")
+    log_image(logger, f"{split}/risk_coverage", plot)
+    return m
 
 
 def _run_dir(cfg) -> Path:
@@ -191,6 +208,10 @@ def print_table(results: dict, run_dir: Path) -> None:
     for split, m in results["metrics"].items():
         table.add_row(split, *(f"{100 * m[k]:.1f}%" if k in ("acc", "ece") else f"{m[k]:.3f}" for k in TABLE_KEYS))
     Console().print(table)
+    for split, m in results["metrics"].items():
+        det = {k[len("errdet_"):-len("_auroc")]: v for k, v in m.items() if k.startswith("errdet_") and k.endswith("_auroc")}
+        if det:
+            print(f"error detection ROC-AUC ({split}): " + ", ".join(f"{k} {v:.3f}" for k, v in det.items()))
     for split in results["metrics"]:  # plain print: paths must not be wrapped
         print(f"reliability diagram ({split}): {run_dir / 'plots' / f'reliability_{split}.png'}")
     print(f"results: {run_dir / 'results.json'}", flush=True)
@@ -253,6 +274,7 @@ def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: st
     if cfg.method.get("map_run"):
         info["map_run"] = load_map_run(cfg, method, member)
     if method.trains:
+        method.prepare_fit(dm)
         t0 = time.perf_counter()
         ckpt_path = cfg.train.get("ckpt_path")
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
@@ -334,6 +356,34 @@ def member_dirs(run_dir: Path) -> list[Path]:
     if not (dirs[0] / "checkpoints" / "adapter.pt").is_file():
         raise UqloraError(f"run directory '{run_dir}' has no checkpoints/adapter.pt")
     return dirs
+
+
+def run_predictions(run_dir: str | Path, cfg: DictConfig, records: list[dict], work_dir: Path) -> dict[str, np.ndarray]:
+    """The predictive of a finished run (all of its members pooled) on ``records`` of ``cfg``'s dataset --
+    e.g. a teacher's on this run's training examples. The run may use another model (its own tokenizer and
+    head); it must have the same task and number of classes."""
+    src = Path(run_dir)
+    scfg = load_run_config(src)
+    info = task_info(cfg.data)
+    sinfo = task_info(scfg.data)
+    if (sinfo.task, sinfo.num_classes) != (info.task, info.num_classes):
+        raise UqloraError(f"run '{src}' was trained for {sinfo.task} with {sinfo.num_classes} classes "
+                          f"({scfg.data.name}); this data ({cfg.data.name}) is {info.task} with {info.num_classes}")
+    scfg.data = cfg.data
+    for key in ("progress_bar", "trainer"):
+        if cfg.get(key) is not None:
+            scfg[key] = cfg[key]
+    head = resolve_head(scfg.model, info.task)
+    method, dm = build_member(scfg, info, head, {"given": list(records)}, _init_seed(scfg))
+    trainer = build_trainer(scfg, work_dir, False, [], inference_mode=not getattr(method, "needs_grad_in_predict", False))
+    preds = []
+    for mdir in member_dirs(src):
+        method.backbone.load_trainable_state_dict(
+            torch.load(mdir / "checkpoints" / "adapter.pt", weights_only=True, map_location="cpu"))
+        state = mdir / "checkpoints" / "method_state.pt"
+        method.load_method_state_dict(torch.load(state, weights_only=True, map_location="cpu") if state.is_file() else {})
+        preds.append(predict(trainer, method, dm, "given"))
+    return combine(preds)
 
 
 def evaluate_run(ecfg: DictConfig):

@@ -685,11 +685,11 @@ def _tweeteval(name: str, config: str, n: tuple[int, int, int], labels: tuple[st
 
 _CUSTOM_CLS_OPTIONS = (
     "files", "text_column", "text_pair_column", "label_column", "label_names", "num_classes",
-    "id_column",
+    "id_column", "uncertainty_column",
 )  # fmt: skip
 _CUSTOM_MC_OPTIONS = (
     "files", "question_column", "choices_column", "choice_columns", "label_column",
-    "num_classes", "id_column",
+    "num_classes", "id_column", "uncertainty_column",
 )  # fmt: skip
 
 
@@ -1112,7 +1112,9 @@ def load_split(
       ``choices_column`` (a list-valued field; in csv/tsv a JSON list; default "choices")
       or ``choice_columns`` (one column per choice), ``label_column`` ("label"; an integer
       index or a letter A-Z), ``num_classes``.
-    * both: ``id_column`` (default "id" when the file has it, else ``"<split>-<row>"``).
+    * both: ``id_column`` (default "id" when the file has it, else ``"<split>-<row>"``);
+      ``uncertainty_column`` (None): a per-example uncertainty in [0, 1] kept as the record's
+      ``uncertainty`` (read by ``method=ual`` with ``method.uncertainty_source=column``).
     """
     info = _base_info(name)
     _check_options(name, options)
@@ -1293,6 +1295,27 @@ def _load_custom(
         id_column = "id"
     label_column = _need_column(options.get("label_column", "label"), columns, path, "label_column")
     num_classes = options.get("num_classes")
+    out = _load_custom_rows(name, split, path, rows, columns, options, id_column, label_column, num_classes)
+    u_column = options.get("uncertainty_column")
+    if u_column and (split == "train" or u_column in columns):  # only training needs it
+        _need_column(u_column, columns, path, "uncertainty_column")
+        for i, (rec, row) in enumerate(zip(out, rows)):
+            rec["uncertainty"] = _unit_interval(row.get(u_column), f"{path}: row {i}, column '{u_column}'")
+    return out
+
+
+def _unit_interval(value: Any, where: str) -> float:
+    try:
+        u = float(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: uncertainty {value!r} is not a number in [0, 1]") from None
+    if not 0.0 <= u <= 1.0:  # also rejects NaN
+        raise DataError(f"{where}: uncertainty {u} is outside [0, 1]")
+    return u
+
+
+def _load_custom_rows(name, split, path, rows, columns, options, id_column, label_column,
+                      num_classes) -> list[Record]:
 
     def rid(i: int, row: Mapping[str, Any]) -> str:
         value = row.get(id_column) if id_column else None

@@ -33,6 +33,8 @@ def answer_words(prompt_cfg, task: str, num_classes: int, label_names) -> list[s
         if len(words) != num_classes:
             raise ValueError(f"data.prompt.label_words has {len(words)} words for {num_classes} classes")
         return list(words)
+    if not label_names:  # e.g. a custom dataset with integer labels: the words are only needed by lm_choices
+        return [f" {i}" for i in range(num_classes)]
     return [f" {n}" for n in label_names]
 
 
@@ -50,6 +52,9 @@ def cloze_pairs(rec: dict, template: str) -> list[tuple[str, str]]:
         return [(c, t) for c, t in rec["cloze"]]
     ctx = template.format(question=rec["question"])
     return [(ctx, " " + c) for c in rec["choices"]]
+
+
+PER_EXAMPLE_FLOATS = ("uncertainty", "label_smoothing")
 
 
 class Collator:
@@ -89,6 +94,9 @@ class Collator:
             pairs = [r.get("text_pair") for r in records]
             batch = self._encode([r["text"] for r in records], pairs if any(p for p in pairs) else None)
         batch["labels"] = self._labels(records)
+        for key in PER_EXAMPLE_FLOATS:  # e.g. UAL's per-example label smoothing, when every record has it
+            if all(key in r for r in records):
+                batch[key] = torch.tensor([float(r[key]) for r in records], dtype=torch.float32)
         return batch
 
     def _cloze(self, records: list[dict]) -> dict:

@@ -8,6 +8,7 @@ cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the pred
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import lightning.pytorch as pl
@@ -48,6 +49,22 @@ class UQMethod(pl.LightningModule):
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UqloraError(f"loss.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
+        self.precision = str(cfg.model.get("precision", "32-true"))
+        self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+        self.show_progress = cfg.get("progress_bar", "rich") != "none"
+
+    # --- post-hoc stages run outside the Trainer: their device and autocast ------------------------------
+    def fit_device(self) -> torch.device:
+        if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def autocast(self, device):
+        if self.precision.startswith("bf16"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        if self.precision.startswith("16"):
+            return torch.autocast(device.type, dtype=torch.float16)
+        return contextlib.nullcontext()
 
     def forward(self, batch):
         return self.backbone.logits(batch)
@@ -91,6 +108,9 @@ class UQMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def prepare_fit(self, datamodule) -> None:
+        """Called before training (e.g. UAL attaches per-example label smoothing to the train records)."""
 
     def posthoc_fit(self, datamodule) -> None:
         self.fitted = True

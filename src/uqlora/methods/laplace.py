@@ -12,7 +12,6 @@ The fitted posterior is ``checkpoints/method_state.pt``; ``eval.py`` reuses it w
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from uqlora.core.kfac import FISHERS, SUBSETS, capture, fit_kfac, per_example_jacobians, select_layers
+from uqlora.core.kfac import FISHERS, KFAC_APPROX, SUBSETS, capture, fit_kfac, per_example_jacobians, select_layers
 from uqlora.core.laplace import LINKS, KronPosterior, glm_predictive
 from uqlora.errors import UqloraError
 from uqlora.methods import register
@@ -47,6 +46,7 @@ class LaplaceConfig:
     name: str = "laplace"
     subset: str = "all"           # all | last_layer
     fisher: str = "exact"         # exact | mc | empirical
+    kfac_approx: str = "expand"   # expand | reduce (over token positions)
     fisher_samples: int = 1       # mc: labels sampled per example
     n_kfac: int = 10              # rank kept for wide factors (paper: 10)
     lowrank_threshold: int = 1024  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
@@ -62,6 +62,7 @@ class LaplaceConfig:
 
 def _check(c) -> None:
     for key, value, valid in (("subset", c.subset, SUBSETS), ("fisher", c.fisher, FISHERS), ("link", c.link, LINKS),
+                              ("kfac_approx", c.kfac_approx, KFAC_APPROX),
                               ("pred_type", c.pred_type, ("glm", "nn")), ("prior.method", c.prior.method, PRIOR_METHODS),
                               ("prior.structure", c.prior.structure, ("scalar", "layerwise")),
                               ("prior.search", c.prior.search, ("grid", "gradient"))):
@@ -86,35 +87,20 @@ class LaplaceMethod(UQMethod):
         _check(self.mcfg)
         self.layers = select_layers(backbone, self.mcfg.subset)
         self.needs_grad_in_predict = self.mcfg.pred_type == "glm"
-        self.precision = str(cfg.model.get("precision", "32-true"))
-        self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-        self.show_progress = cfg.get("progress_bar", "rich") != "none"
         self.posterior: KronPosterior | None = None
         self.tuning: dict = {}
         self._draws = None
         self._gen: torch.Generator | None = None
 
     # --- fitting ------------------------------------------------------------------------------------------
-    def _fit_device(self) -> torch.device:
-        if self.accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-
-    def _autocast(self, device):
-        if self.precision.startswith("bf16"):
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        if self.precision.startswith("16"):
-            return torch.autocast(device.type, dtype=torch.float16)
-        return contextlib.nullcontext()
-
     def posthoc_fit(self, datamodule) -> None:
         c = self.mcfg
-        device = self._fit_device()
+        device = self.fit_device()
         self.backbone.to(device)
         res = fit_kfac(self.backbone, datamodule.loader(c.fit_split), self.layers, fisher=c.fisher,
                        n_samples=int(c.fisher_samples), lowrank_threshold=int(c.lowrank_threshold),
-                       n_kfac=int(c.n_kfac), device=device, autocast=self._autocast(device), seed=int(c.seed),
-                       progress=self.show_progress)
+                       n_kfac=int(c.n_kfac), device=device, autocast=self.autocast(device), seed=int(c.seed),
+                       progress=self.show_progress, approx=c.kfac_approx)
         post = KronPosterior.from_kfac(res, float(c.prior.init), c.prior.structure)
         post = KronPosterior.from_state_dict({k: _cpu(v) for k, v in post.state_dict().items()})
         self.posterior = post
@@ -151,7 +137,7 @@ class LaplaceMethod(UQMethod):
         for batch in tqdm(datamodule.loader(c.prior.split), desc=f"Laplace: prior on {c.prior.split}",
                           disable=not self.show_progress, leave=False):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with self._autocast(device):
+            with self.autocast(device):
                 f_mu, proj = self._glm_terms(batch)
             proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
             mask = batch.get("choice_mask")

@@ -13,8 +13,9 @@ imported lazily since it loads matplotlib).
 from uqlora.metrics._validation import MetricInputError
 from uqlora.metrics.calibration import (accuracy, bin_edges, bin_indices, brier, ece, mce, nll,
                                         reliability_bins, top_label)
-from uqlora.metrics.evaluate import (OOD_METRICS, OOD_SAMPLE_SCORES, OOD_SCORES, PREDICTION_KEYS,
-                                     SAMPLE_KEYS, evaluate_ood, evaluate_predictions)
+from uqlora.metrics.evaluate import (ERROR_DETECTION_METRICS, OOD_METRICS, OOD_SAMPLE_SCORES, OOD_SCORES,
+                                     PREDICTION_KEYS, SAMPLE_KEYS, evaluate_error_detection, evaluate_ood,
+                                     evaluate_predictions)
 from uqlora.metrics.ood import fpr_at_tpr, ood_metrics
 from uqlora.metrics.selective import (aurc, disagreement, eaurc, entropy, expected_entropy,
                                       max_prob, misclassification_auprc, misclassification_auroc,
@@ -28,7 +29,8 @@ __all__ = [
     "disagreement", "risk_coverage_curve", "aurc", "eaurc", "misclassification_auroc",
     "misclassification_auprc",
     "ood_metrics", "fpr_at_tpr",
-    "evaluate_predictions", "evaluate_ood", "PREDICTION_KEYS", "SAMPLE_KEYS", "OOD_SCORES",
+    "evaluate_predictions", "evaluate_ood", "evaluate_error_detection", "ERROR_DETECTION_METRICS",
+    "PREDICTION_KEYS", "SAMPLE_KEYS", "OOD_SCORES",
     "OOD_SAMPLE_SCORES", "OOD_METRICS",
     "reliability_diagram", "risk_coverage_plot",
 ]

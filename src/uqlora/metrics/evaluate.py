@@ -78,6 +78,46 @@ def evaluate_predictions(probs: Any, labels: Any, n_bins: int = 15,
     return out
 
 
+#: Keys per score of :func:`evaluate_error_detection` (``errdet_{score}_{metric}``).
+ERROR_DETECTION_METRICS = ("auroc", "auprc", "aurc", "ece")
+
+
+def evaluate_error_detection(uncertainty: dict[str, Any], correct: Any, n_bins: int = 15,
+                             probability_scores: tuple[str, ...] = ()) -> dict[str, float]:
+    """Misclassification detection by per-example uncertainty scores (higher = more likely wrong).
+
+    For every ``name -> u [N]``: ``errdet_{name}_auroc`` (ROC-AUC of detecting the errors; AdUE's
+    primary metric), ``_auprc`` (average precision, errors positive), ``_aurc`` (area under the
+    risk-coverage curve when accepting the least uncertain first); and for the scores named in
+    ``probability_scores`` (those meant as a probability of error, in [0, 1]) ``_ece``: the
+    equal-width binned ``sum_b |B_b|/N |mean(u in b) - error rate in b|`` with ``n_bins`` bins.
+    AUROC/AUPRC are ``nan`` when all predictions are right or all wrong.
+    """
+    corr = np.asarray(correct).astype(bool).reshape(-1)
+    out: dict[str, float] = {}
+    for name, u in uncertainty.items():
+        u = np.asarray(u, dtype=np.float64).reshape(-1)
+        if u.shape != corr.shape:
+            raise MetricInputError(f"uncertainty '{name}' has {u.shape[0]} values for {corr.shape[0]} examples")
+        if not np.isfinite(u).all():
+            raise MetricInputError(f"uncertainty '{name}' has {int((~np.isfinite(u)).sum())} non-finite values")
+        out[f"errdet_{name}_auroc"] = sel.misclassification_auroc(-u, corr)
+        out[f"errdet_{name}_auprc"] = sel.misclassification_auprc(-u, corr)
+        out[f"errdet_{name}_aurc"] = sel.aurc(-u, corr)
+        if name in probability_scores:
+            if u.min() < 0 or u.max() > 1:
+                raise MetricInputError(f"uncertainty '{name}' is used as a probability but leaves [0, 1]")
+            idx = cal.bin_indices(u, n_bins)
+            err = (~corr).astype(np.float64)
+            gap = 0.0
+            for b in range(n_bins):
+                m = idx == b
+                if m.any():
+                    gap += m.sum() / u.shape[0] * abs(u[m].mean() - err[m].mean())
+            out[f"errdet_{name}_ece"] = float(gap)
+    return out
+
+
 def _ood_scores(p: np.ndarray, s: np.ndarray | None) -> dict[str, np.ndarray]:
     scores = {"max_prob": p.max(axis=1), "neg_entropy": sel.neg_entropy(p)}
     if s is not None:

@@ -63,6 +63,11 @@ class Backbone(nn.Module):
     def features(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def logits_with_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [B, C], features)`` from one forward pass: the head's input ``[B, d]`` (before head
+        dropout), or for the cloze head the last hidden state of each choice's sequence ``[B, C, d]``."""
+        raise NotImplementedError
+
     def forward(self, batch: dict) -> torch.Tensor:
         return self.logits(batch)
 
@@ -111,7 +116,11 @@ class ClassifierBackbone(Backbone):
         return (h * w).sum(1) / w.sum(1).clamp(min=1.0)
 
     def logits(self, batch):
-        return self._mask(self.head(self.head_input(self.dropout(self.features(batch)))), batch)
+        return self.logits_with_features(batch)[0]
+
+    def logits_with_features(self, batch):
+        f = self.features(batch)
+        return self._mask(self.head(self.head_input(self.dropout(f))), batch), f
 
     def head_parameters(self):
         return (self.head.weight, self.head.bias) if self.head.weight.requires_grad else None
@@ -138,11 +147,14 @@ class LMChoicesBackbone(Backbone):
         return h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
 
     def logits(self, batch):
+        return self.logits_with_features(batch)[0]
+
+    def logits_with_features(self, batch):
         f = self.head_input(self.features(batch))
         out = f @ self.answer_rows.to(f.dtype).T
         if self.answer_bias is not None:
             out = out + self.answer_bias.to(f.dtype)
-        return self._mask(out, batch)
+        return self._mask(out, batch), f
 
 
 class LMClozeBackbone(Backbone):
@@ -160,17 +172,24 @@ class LMClozeBackbone(Backbone):
     def _hidden_flat(self, batch):
         return self.hidden(batch["input_ids"], batch["attention_mask"])  # [B*C, L, d]
 
-    def features(self, batch):
-        h = self._hidden_flat(batch)
+    def _choice_last(self, h, batch):
         last = h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
-        B = batch["labels"].shape[0]
-        last = last.view(B, -1, last.shape[-1])
+        return last.view(batch["labels"].shape[0], -1, last.shape[-1])  # [B, C, d]
+
+    def features(self, batch):
+        last = self._choice_last(self._hidden_flat(batch), batch)
         w = batch["choice_mask"].unsqueeze(-1).to(last.dtype)
         return (last * w).sum(1) / w.sum(1).clamp(min=1.0)
 
     def logits(self, batch):
-        ids = batch["input_ids"]
+        return self._scores(self._hidden_flat(batch), batch)
+
+    def logits_with_features(self, batch):
         h = self._hidden_flat(batch)
+        return self._scores(h, batch), self._choice_last(h, batch)
+
+    def _scores(self, h, batch):
+        ids = batch["input_ids"]
         tgt = batch["target_mask"].bool().clone()
         tgt[:, 0] = False  # the first token has no prediction
         rows, cols = tgt.nonzero(as_tuple=True)
