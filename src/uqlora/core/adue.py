@@ -136,9 +136,8 @@ class Cached:
     mask: torch.Tensor | None
     labels: torch.Tensor
 
-    @property
-    def errors(self) -> torch.Tensor:
-        return (self.logits.argmax(-1) != self.labels).float()
+    def __post_init__(self):
+        self.errors = (self.logits.argmax(-1) != self.labels).float()  # once, not per training batch
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
