@@ -81,7 +81,7 @@ def test_head_learns_errors_the_softmax_response_cannot_see():
     train, val = make(1500), make(600)
     W = torch.tensor([[2.0, 0, 0, 0, 0, 0], [-2.0, 0, 0, 0, 0, 0]])
     init = AdUEHead("linear", 100.0, weight=W, bias=torch.zeros(C))
-    head, records = grid_search(init, train, val, [1e-2], [0.01], [0.0, 1.0], progress=False, epochs=15, patience=5)
+    head, records, chosen = grid_search(init, train, val, [1e-2], [0.01], [0.0, 1.0], progress=False, epochs=15, patience=5)
     assert len(records) == 2 and all(r["best_epoch"] >= 1 for r in records)
     from sklearn.metrics import roc_auc_score
 

@@ -146,6 +146,11 @@ class Cached:
         return (self.feats[idx], self.logits[idx], None if self.mask is None else self.mask[idx], self.errors[idx])
 
 
+def _selection_key(auroc: float, bce: float) -> tuple[float, float]:
+    """Higher is better: validation ROC-AUC, ties (or a one-class validation split) by lower BCE."""
+    return (auroc if not math.isnan(auroc) else -math.inf, -bce)
+
+
 def _auroc(u: np.ndarray, errors: np.ndarray) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -196,7 +201,7 @@ def train_head(init: AdUEHead, train: Cached, val: Cached, lr: float, alpha_reg:
             opt.step()
             sched.step()
         auroc, bce = _score(head, val)
-        key = (auroc if not math.isnan(auroc) else -math.inf, -bce)
+        key = _selection_key(auroc, bce)
         if best_key is None or key > best_key:
             best, best_key, best_epoch, bad = copy.deepcopy(head.state_dict()), key, epoch, 0
         else:
@@ -210,22 +215,23 @@ def train_head(init: AdUEHead, train: Cached, val: Cached, lr: float, alpha_reg:
 
 
 def grid_search(init: AdUEHead, train: Cached, val: Cached, lrs, alpha_regs, alpha_l2sps, progress: bool = True,
-                **kw) -> tuple[AdUEHead, list[dict]]:
-    """Every (lr, alpha_reg, alpha_l2sp); the head with the best validation ROC-AUC (ties: lower val BCE)."""
+                **kw) -> tuple[AdUEHead, list[dict], dict]:
+    """Every (lr, alpha_reg, alpha_l2sp); the head with the best validation ROC-AUC (ties: lower val BCE),
+    every configuration's record, and the chosen one's."""
     from tqdm.auto import tqdm
 
     grid = list(itertools.product([float(x) for x in lrs], [float(x) for x in alpha_regs],
                                   [float(x) for x in alpha_l2sps]))
     if not grid:
         raise UqloraError("the AdUE grid is empty: give at least one value for method.grid.lr, alpha_reg, alpha_l2sp")
-    best, best_key, records = None, None, []
+    best, best_rec, best_key, records = None, None, None, []
     for lr, a_reg, a_l2 in tqdm(grid, desc="AdUE: head grid", disable=not progress, leave=False):
         head, rec = train_head(init, train, val, lr, a_reg, a_l2, **kw)
         records.append(rec)
-        key = (rec["val_auroc"] if not math.isnan(rec["val_auroc"]) else -math.inf, -rec["val_bce"])
+        key = _selection_key(rec["val_auroc"], rec["val_bce"])
         if best_key is None or key > best_key:
-            best, best_key = head, key
-    return best, records
+            best, best_rec, best_key = head, rec, key
+    return best, records, best_rec
 
 
 class Mahalanobis:

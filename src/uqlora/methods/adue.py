@@ -122,12 +122,10 @@ class AdUEMethod(UQMethod):
         if n_err == 0 or n_err == len(train):
             log.warning("AdUE: the fine-tuned model is %s on all %d %s examples; the head learns from one class only",
                         "right" if n_err == 0 else "wrong", len(train), c.fit_split)
-        head, records = grid_search(self._init_head(), train, val, c.grid.lr, c.grid.alpha_reg, c.grid.alpha_l2sp,
+        head, records, best = grid_search(self._init_head(), train, val, c.grid.lr, c.grid.alpha_reg, c.grid.alpha_l2sp,
                                     progress=self.show_progress, epochs=int(c.epochs), patience=int(c.patience),
                                     batch_size=int(c.batch_size), balanced=bool(c.balanced), seed=int(c.seed))
         self.head = head.eval()
-        best = max(records, key=lambda r: (r["val_auroc"] if r["val_auroc"] == r["val_auroc"] else -1e9,
-                                           -r["val_bce"]))
         self.tuning = {"n_fit": len(train), "fit_errors": n_err, "n_select": len(val),
                        "select_errors": int(val.errors.sum()), "lr": best["lr"], "alpha_reg": best["alpha_reg"],
                        "alpha_l2sp": best["alpha_l2sp"], "val_auroc": best["val_auroc"],
