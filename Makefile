@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag
+.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag tables
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,23 @@ DEMO_METHODS ?= map,swag,mc_dropout
 demo: install
 	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) experiments/summarize.py $(DEMO_DIR) --out $(DEMO_DIR)/summary.md
+
+# Paper tables + figures from logged runs (experiments/make_tables.py):
+#   make tables RUNS=multirun/laplace_lora_cpu/<stamp>             -> <RUNS>/tables (OUT=... to change)
+#   make tables RUNS="multirun/a multirun/b" OUT=paper/tables TABLES_ARGS="--metrics acc,ece,nll --strict"
+#   make tables WANDB=<entity>/<project> GROUP=laplace_lora         -> tables/<entity>_<project> (needs a login)
+RUNS ?=
+WANDB ?=
+GROUP ?=
+TABLES_ARGS ?=
+
+tables: install
+ifneq ($(strip $(WANDB)),)
+	$(PY) experiments/make_tables.py --wandb $(WANDB) $(if $(GROUP),--group $(GROUP)) --out $(or $(OUT),tables/$(subst /,_,$(WANDB))) $(TABLES_ARGS)
+else
+	@test -n "$(strip $(RUNS))" || { echo "error: set RUNS=<multirun folder(s)>, e.g. make tables RUNS=multirun/laplace_lora_cpu/<stamp>, or WANDB=<entity>/<project>" >&2; exit 2; }
+	$(OFFLINE) $(PY) experiments/make_tables.py $(RUNS) --out $(or $(OUT),$(firstword $(RUNS))/tables) $(TABLES_ARGS)
+endif
 
 test: install
 	$(OFFLINE) $(PY) -m pytest -q -m "not slow"

@@ -1,63 +1,66 @@
-"""Summarise run directories (a multirun folder, or several run folders) into one table.
+"""Summarise run directories (a multirun folder, or several run folders) into one table, one line per run.
 
     python experiments/summarize.py multirun/2026-11-21/12-00-00_ab12cd
     python experiments/summarize.py outputs/2026-11-21/*  --split test --out summary.md
 
-Runs without a complete results.json are listed as missing, never silently dropped.
+Runs that are missing, failed or unreadable (see experiments/make_tables.py, which this reuses) are listed
+under the table, never silently dropped. For the paper's tables (mean +- std over seeds, best in bold,
+LaTeX, figures) use experiments/make_tables.py.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-COLUMNS = [("acc", "ACC", True), ("ece", "ECE", True), ("nll", "NLL", False), ("brier", "Brier", False),
-           ("aurc", "AURC", False), ("auroc_misclf", "AUROC(err)", False)]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_tables import COMPLETE, TablesError, load_runs, runs_table, split_runs, status_lines  # noqa: E402
 
 
 def find_runs(paths: list[Path]) -> tuple[list[dict], list[Path]]:
-    runs, missing = [], []
-    for root in paths:
-        candidates = [root] if (root / ".hydra").is_dir() else sorted(p.parent for p in root.glob("*/.hydra"))
-        for d in candidates:
-            try:
-                runs.append(json.loads((d / "results.json").read_text()))
-            except (OSError, json.JSONDecodeError):
-                missing.append(d)
-    return runs, missing
+    """(results.json dicts of the complete runs, run directories that are not complete)."""
+    runs = load_runs(paths)
+    used, problems, _ = split_runs(runs)
+    return [r.results for r in used], [r.path for r in problems]
 
 
 def table(runs: list[dict], split: str = "test") -> str:
-    head = ["method", "model", "data", "seed"] + [c[1] for c in COLUMNS] + ["time (s)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in sorted(runs, key=lambda r: (r["data"], r["model"], r["method"], r["seed"])):
-        m = r["metrics"].get(split, {})
-        cells = [r["method"], r["model"], r["data"], str(r["seed"])]
-        for key, _, pct in COLUMNS:
-            v = m.get(key)
-            cells.append("-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}"))
-        cells.append(f"{r['timings'].get('total', float('nan')):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """The per-run table of ``find_runs``' results dicts (kept for notebooks written against it)."""
+    from make_tables import Run, method_label
+
+    objs = [Run(path=None, status=COMPLETE, results=r, model=str(r.get("model")), data=str(r.get("data")),
+                seed=r.get("seed"),
+                method=method_label(r.get("method"), (r.get("config") or {}).get("method"), None,
+                                    r.get("method_label")))
+            for r in runs]
+    return runs_table(objs, split)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="+", type=Path)
     ap.add_argument("--split", default="test")
-    ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table here")
+    ap.add_argument("--out", type=Path, default=None, help="also write the Markdown table (and the run list) here")
     args = ap.parse_args(argv)
-    runs, missing = find_runs(args.paths)
-    if not runs:
-        print(f"error: no results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)
+    try:
+        runs = load_runs(args.paths)
+    except TablesError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-    text = table(runs, args.split)
+    if not any(r.status == COMPLETE for r in runs):
+        print(f"error: no complete results.json under {', '.join(map(str, args.paths))}", file=sys.stderr)
+        for ln in status_lines(runs):
+            print(ln, file=sys.stderr)
+        return 1
+    text = runs_table(runs, args.split)
+    problems = status_lines(runs)
     print(text)
-    for d in missing:
-        print(f"missing or incomplete run: {d}")
+    for ln in problems:
+        print(ln)
     if args.out:
-        args.out.write_text(text + "\n")
+        extra = "\n\nMissing / failed runs:\n\n" + "\n".join(f"- {ln}" for ln in problems) if problems else ""
+        args.out.write_text(text + extra + "\n")
     return 0
 
 

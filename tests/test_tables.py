@@ -1,0 +1,296 @@
+"""experiments/make_tables.py on synthetic run directories with known answers: mean +- std over seeds, the
+best value per column in bold (max or min by metric), missing / failed / truncated / never-started runs
+reported, pooled reliability = the reliability of the concatenated predictions, one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "experiments"))
+import make_tables as mt  # noqa: E402
+
+
+def write_run(root, name, method="map", data="d1", seed=0, metrics=None, model="m", status=None, error=None,
+              subset=None, choice=None, overrides=None, probs=None, labels=None, extra=None):
+    d = root / name
+    (d / ".hydra").mkdir(parents=True)
+    mcfg = {"name": method, **({"subset": subset} if subset else {})}
+    cfg = {"method": mcfg, "model": {"name": model}, "data": {"name": data}, "seed": seed}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if choice:
+        (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"method": choice}}}}))
+    if overrides is not None:
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if metrics is not None or status:
+        res = {"method": method, "model": model, "data": data, "seed": seed, "config": cfg,
+               "timings": {"total": 12.0}, **(extra or {})}
+        if metrics is not None:
+            res["metrics"] = {"test": metrics}
+        if status:
+            res["status"] = status
+        if error:
+            res["error"] = error
+        (d / "results.json").write_text(json.dumps(res))
+    if probs is not None:
+        (d / "predictions").mkdir()
+        np.savez(d / "predictions" / "test.npz", probs=np.asarray(probs, float), labels=np.asarray(labels),
+                 ids=np.arange(len(labels)).astype(str))
+    return d
+
+
+ACC = {("map", "d1"): [0.80, 0.82, 0.84], ("laplace", "d1"): [0.81, 0.81, 0.84],
+       ("map", "d2"): [0.60, 0.70, 0.80], ("laplace", "d2"): [0.70, 0.72, 0.74]}
+ECE = {("map", "d1"): [0.10, 0.12, 0.14], ("laplace", "d1"): [0.03, 0.04, 0.05],
+       ("map", "d2"): [0.20, 0.20, 0.20], ("laplace", "d2"): [0.30, 0.30, 0.33]}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    i = 0
+    for (method, data), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            write_run(root, f"{i}_{method}_{data}_s{seed}", method, data, seed,
+                      {"acc": acc, "ece": ECE[(method, data)][seed], "nll": 0.5 + seed / 10})
+            i += 1
+    return root
+
+
+def table(tables, metric):
+    (t,) = [t for t in tables if t.metric == metric]
+    return t
+
+
+def test_mean_std_and_bold_known_answer(sweep):
+    runs = mt.load_runs([sweep])
+    tables = mt.build_tables(runs, "test")
+    acc, ece = table(tables, "acc"), table(tables, "ece")
+    assert acc.cols == ["d1", "d2"] and acc.rows == ["map", "laplace"]
+    c = acc.cells[("map", "d2")]
+    assert c.n == 3 and c.mean == pytest.approx(0.70) and c.std == pytest.approx(0.10)  # sample std (ddof=1)
+    md = mt.to_markdown(acc).splitlines()
+    # d1: both methods have mean 82.0% -> both bold (a tie); d2: laplace 72.0 beats map 70.0 (max is best)
+    assert "| MAP | **82.0 ± 2.0** | 70.0 ± 10.0 |" in md
+    assert "| Laplace-LoRA | **82.0 ± 1.7** | **72.0 ± 2.0** |" in md
+    md = mt.to_markdown(ece).splitlines()  # ECE: the minimum is best
+    assert "| MAP | 12.0 ± 2.0 | **20.0 ± 0.0** |" in md
+    assert "| Laplace-LoRA | **4.0 ± 1.0** | 31.0 ± 1.7 |" in md
+    tex = mt.to_latex(ece)
+    assert r"Laplace-LoRA & $\mathbf{4.0 \pm 1.0}$ & $31.0 \pm 1.7$ \\" in tex
+    assert r"\toprule" in tex and r"$\downarrow$" in tex
+    nll = table(tables, "nll")  # every run has nll 0.5 + seed / 10 -> 0.600 +- 0.100 everywhere, all bold
+    assert all(nll.best(col) == {"map", "laplace"} for col in nll.cols)
+    assert "**0.600 ± 0.100**" in mt.to_markdown(nll)
+
+
+def test_direction_of_every_metric():
+    for m in ("acc", "auroc_misclf", "auprc_misclf", "errdet_auroc", "ood_max_prob_auroc", "ood_neg_entropy_aupr_in"):
+        assert mt.higher_is_better(m) is True, m
+    for m in ("ece", "mce", "nll", "brier", "aurc", "eaurc", "aurc_entropy", "errdet_aurc", "errdet_ece",
+              "ood_max_prob_fpr95"):
+        assert mt.higher_is_better(m) is False, m
+    assert mt.higher_is_better("mean_confidence") is None
+
+
+def test_missing_failed_truncated_runs_are_reported(sweep, tmp_path, capsys):
+    write_run(sweep, "20_map_d3_s0", data="d3", status="failed", error="CUDA out of memory")
+    bad = write_run(sweep, "21_map_d3_s1", data="d3", seed=1, metrics={"acc": 0.5})
+    (bad / "results.json").write_text((bad / "results.json").read_text()[:25])  # killed mid-write
+    write_run(sweep, "22_map_d3_s2", data="d3", seed=2)  # .hydra only: still running / killed
+    write_run(sweep, "23_map_d3_s3", data="d3", seed=3, metrics={"acc": 0.9}, status="complete")  # explicit
+    runs = mt.load_runs([sweep])
+    status = {r.path.name: r.status for r in runs}
+    assert status["20_map_d3_s0"] == "failed" and status["21_map_d3_s1"] == "unreadable"
+    assert status["22_map_d3_s2"] == "missing" and status["23_map_d3_s3"] == "complete"
+    assert all(s == "complete" for n, s in status.items() if not n.startswith("2") or n.startswith("23"))
+    out = tmp_path / "out"
+    assert mt.main([str(sweep), "--out", str(out), "--figures", "none"]) == 0
+    printed = capsys.readouterr().out
+    md = (out / "tables.md").read_text()
+    for text in ("failed: map / m / d3 / seed 0", "CUDA out of memory", "unreadable: map / m / d3 / seed 1",
+                 "truncated or not JSON", "missing: map / m / d3 / seed 2", "no results.json"):
+        assert text in printed and text in md, text
+    missing_section = md.split("## Missing / failed runs")[1].split("## Runs")[0]
+    assert "seed 3" not in missing_section  # the complete one is in the tables
+    acc = md.split("### ACC")[1].split("###")[0]
+    assert "| MAP | **82.0 ± 2.0** | 70.0 ± 10.0 | **90.0** (n=1) |" in acc  # d3: one seed, marked
+    assert mt.main([str(sweep), "--out", str(out), "--figures", "none", "--strict"]) == 1
+
+
+def test_duplicates_keep_the_newest(tmp_path):
+    import os
+
+    root = tmp_path / "runs"
+    old = write_run(root, "a", metrics={"acc": 0.1})
+    new = write_run(root, "b", metrics={"acc": 0.9})
+    os.utime(old / "results.json", (1, 1))
+    runs = mt.load_runs([root])
+    (t,) = mt.build_tables(runs, "test", ["acc"])
+    assert t.cells[("map", "d1")].values == [0.9]
+    assert any("duplicate" in ln and str(old) in ln for ln in mt.status_lines(runs))
+    assert str(new) not in "".join(mt.status_lines(runs))
+
+
+def test_method_labels_last_layer_laplace_and_options(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "0", "laplace", subset="last_layer", metrics={"acc": 0.5})
+    write_run(root, "1", "laplace", subset="all", metrics={"acc": 0.6})
+    write_run(root, "2", "swag", choice="swag_lora", metrics={"acc": 0.7})
+    write_run(root, "3", "laplace", choice="laplace_ll", subset="last_layer", metrics={"acc": 0.8})
+    write_run(root, "4", "map", metrics={"acc": 0.8}, extra={"method_label": "map_ls"})
+    labels = [r.method for r in mt.load_runs([root])]
+    assert labels == ["laplace_ll", "laplace", "swag_lora", "laplace_ll", "map_ls"]
+    md = mt.to_markdown(mt.build_tables(mt.load_runs([root / "0"], ), "test", ["acc"])[0])
+    assert "| LLLA |" in md
+
+
+def test_errdet_view_rows_are_scores(tmp_path):
+    root = tmp_path / "runs"
+    for seed, (sr, maha, adue) in enumerate([(0.70, 0.60, 0.75), (0.72, 0.62, 0.71)]):
+        write_run(root, f"{seed}", "adue", "sst2", seed, {
+            "acc": 0.9, "errdet_sr_auroc": sr, "errdet_mahalanobis_auroc": maha, "errdet_adue_auroc": adue,
+            "errdet_sr_aurc": 0.1, "errdet_mahalanobis_aurc": 0.2, "errdet_adue_aurc": 0.05})
+    tables = mt.build_tables(mt.load_runs([root]), "test")
+    auroc = [t for t in tables if t.metric == "errdet_auroc"][0]
+    assert auroc.view == "errdet" and auroc.rows == ["sr", "mahalanobis", "adue"]
+    md = mt.to_markdown(auroc)
+    assert "| SR | 0.710 ± 0.014 |" in md and "| Mahalanobis | 0.610 ± 0.014 |" in md
+    assert "| AdUE | **0.730 ± 0.028** |" in md
+    aurc = [t for t in tables if t.metric == "errdet_aurc"][0]
+    assert aurc.best("sst2") == {"adue"}  # lower AURC is better
+
+
+def test_not_started_jobs_of_a_sweep(tmp_path):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"seed": "0,1", "method": "map,laplace_ll"}},
+        "overrides": {"task": ["experiment=x", "data=d1"]}}}, sort_keys=False))
+    done = [("0", "map"), ("0", "laplace_ll"), ("1", "map")]
+    for i, (seed, method) in enumerate(done):
+        write_run(sweep, f"{i}", "laplace" if "laplace" in method else method, "d1", int(seed), {"acc": 0.5},
+                  overrides=[f"seed={seed}", f"method={method}", "experiment=x", "data=d1"])
+    runs = mt.load_runs([sweep])
+    missing = [r for r in runs if r.status == "not started"]
+    assert len(missing) == 1 and missing[0].method == "laplace_ll" and missing[0].seed == 1
+    assert "seed=1 method=laplace_ll" in missing[0].error
+
+
+def test_pooled_reliability_equals_concatenated_predictions(tmp_path):
+    from uqlora.metrics import ece
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "runs"
+    all_p, all_y = [], []
+    for seed in range(3):
+        p = rng.dirichlet(np.ones(3), size=50 + 10 * seed)
+        y = rng.integers(0, 3, size=len(p))
+        write_run(root, f"{seed}", seed=seed, metrics={"acc": 0.5, "ece": 0.1}, probs=p, labels=y)
+        all_p.append(p)
+        all_y.append(y)
+    runs = mt.load_runs([root])
+    pooled = mt.pooled_reliability(runs, "test")
+    assert pooled["count"].sum() == sum(len(y) for y in all_y)
+    assert pooled["ece"] == pytest.approx(ece(np.concatenate(all_p), np.concatenate(all_y), 15), abs=1e-12)
+    tables = mt.build_tables(runs, "test")
+    paths, notes = mt.make_figures(runs, tables, tmp_path / "fig")
+    names = sorted(p.name for p in paths)
+    for stem in ("reliability_m_d1_test", "risk_coverage_m_d1_test", "bars_m"):
+        assert f"{stem}.pdf" in names and f"{stem}.png" in names
+    assert all(p.stat().st_size > 1000 for p in paths) and notes == []
+
+
+def test_mean_risk_coverage_known_answer(tmp_path):
+    root = tmp_path / "runs"
+    # confidences rank the one wrong example last: risk 0 until coverage 3/4, then 1/4
+    write_run(root, "0", metrics={"acc": 0.75}, probs=[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]],
+              labels=[0, 0, 0, 1])
+    curve = mt.mean_risk_coverage(mt.load_runs([root]), "test", np.array([0.25, 0.5, 0.75, 1.0]))["max_prob"]
+    np.testing.assert_allclose(curve["risk"][0], [0, 0, 0, 0.25])
+    assert curve["aurc"][0] == pytest.approx(0.0625)  # (0 + 0 + 0 + 1/4) / 4
+
+
+def run_cli(*args, script="experiments/make_tables.py", env=None):
+    import os
+
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args,bad,valid", [
+    (["{sweep}", "--metrics", "acc,nosuch"], "nosuch", "ece"),
+    (["{sweep}", "--split", "tst"], "tst", "test"),
+    (["{sweep}", "--views", "methods,nosuch"], "nosuch", "errdet"),
+    (["{sweep}", "--figures", "bars,pie"], "pie", "reliability"),
+    (["{tmp}/nope"], "nope", "multirun folder"),
+    (["{tmp}"], str("{tmp}"), "run directories"),
+])
+def test_bad_input_is_one_line(sweep, tmp_path, args, bad, valid):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = [a.format(sweep=sweep, tmp=empty if a == "{tmp}" else tmp_path) for a in args]
+    p = run_cli(*args, "--out", str(tmp_path / "o"))
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert bad.format(tmp=empty) in lines[0] and valid in lines[0]
+
+
+def test_wandb_source_offline_is_a_clear_error():
+    p = run_cli("--wandb", "me/uqlora", "--group", "laplace_lora", env={"WANDB_MODE": "offline"})
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        "error: --wandb me/uqlora needs the W&B API, but WANDB_MODE=offline; unset it and log in (wandb login), "
+        "or pass run directories instead"]
+    p = run_cli("--wandb", "no-slash", env={"WANDB_MODE": "offline"})
+    assert "not <entity>/<project>" in p.stderr and p.returncode == 2
+
+
+def test_summarize_keeps_working(sweep, tmp_path):
+    write_run(sweep, "30_map_d9_s0", data="d9", status="failed", error="boom")
+    out = tmp_path / "summary.md"
+    p = run_cli(str(sweep), "--out", str(out), script="experiments/summarize.py")
+    assert p.returncode == 0, p.stderr
+    text = out.read_text()
+    assert text.count("| map | m | d1 |") == 3 and "| laplace | m | d2 | 2 | 74.0% |" in text
+    assert "failed: map / m / d9 / seed 0" in text and "boom" in p.stdout
+
+
+def test_wandb_source_without_login_is_a_clear_error(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    p = subprocess.run([sys.executable, "experiments/make_tables.py", "--wandb", "me/uqlora"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**env, "HOME": str(tmp_path)})
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("error: --wandb me/uqlora: cannot read runs from W&B") and "wandb login" in line
+
+
+def test_sweep_that_never_started_a_job(tmp_path, capsys):
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {"params": {"seed": "0,1"}},
+                                                                   "overrides": {"task": ["method=map"]}}}))
+    runs = mt.load_runs([sweep])
+    assert [r.status for r in runs] == ["not started", "not started"] and [r.seed for r in runs] == [0, 1]
+    assert mt.main([str(sweep)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no complete run among 2 found; not started: map / ? / ? / seed 0") and "\n" not in err
+
+
+def test_nan_metric_leaves_the_cell_and_shows_in_n(tmp_path):
+    root = tmp_path / "runs"
+    for seed, au in enumerate([0.7, 0.8, float("nan")]):  # seed 2 made no error: AUROC undefined
+        write_run(root, f"{seed}", seed=seed, metrics={"acc": 0.9, "auroc_misclf": au})
+    (t,) = mt.build_tables(mt.load_runs([root]), "test", ["auroc_misclf"])
+    c = t.cells[("map", "d1")]
+    assert c.n == 2 and c.mean == pytest.approx(0.75)
+    (a,) = mt.build_tables(mt.load_runs([root]), "test", ["acc"])
+    assert a.cells[("map", "d1")].n == 3
