@@ -1,5 +1,6 @@
 """Atomic writes: a file is written next to its target and renamed, so a killed run never leaves a
-truncated ``results.json``, predictions file or state."""
+truncated ``results.json``, predictions file or state. In a multi-process (DDP) run only global rank 0
+writes: every rank runs the same pipeline on the same state (see :mod:`uqlora.distributed`)."""
 from __future__ import annotations
 
 import json
@@ -14,8 +15,13 @@ import torch
 
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(f)`` on a temporary file next to ``path`` (parents created), then rename it over ``path``.
-    The file gets the usual mode (0666 minus the umask) rather than mkstemp's 0600."""
+    The file gets the usual mode (0666 minus the umask) rather than mkstemp's 0600. Ranks > 0 of a
+    multi-process run write nothing (rank 0 holds the same state and writes it once)."""
+    from uqlora.distributed import is_global_zero
+
     path = Path(path)
+    if not is_global_zero():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

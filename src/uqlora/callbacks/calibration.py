@@ -31,6 +31,12 @@ class CalibrationCallback(pl.Callback):
         if trainer.sanity_checking or not self._probs:
             return
         probs, labels = torch.cat(self._probs), torch.cat(self._labels)
+        if trainer.world_size > 1:  # DDP: every process's share of the validation set, so ECE is over all of it
+            import torch.distributed as dist
+
+            parts = [None] * trainer.world_size
+            dist.all_gather_object(parts, (probs, labels))
+            probs, labels = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
         self.last = (probs, labels)
         pl_module.log("val/ece", ece(probs, labels, n_bins=self.n_bins), prog_bar=True)
 
