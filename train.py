@@ -5,13 +5,14 @@
     python train.py -m method=map model=minilm,smollm2_135m
 """
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from uqlora.cli import guard, precheck  # noqa: E402
+from uqlora.cli import FAILED_MEMBERS, guard, in_multirun, precheck  # noqa: E402
 from uqlora.config import register_configs  # noqa: E402
 
 register_configs()
@@ -21,8 +22,19 @@ register_configs()
 def main(cfg: DictConfig) -> float | None:
     from uqlora.pipeline import train
 
-    with guard():
-        metrics, _ = train(cfg)
+    if in_multirun():  # a failing member is recorded (results.json: status failed) and the sweep goes on
+        try:
+            metrics, _ = train(cfg)
+        except Exception as e:
+            from uqlora.logging_utils import finish
+            from uqlora.runs import one_line
+
+            finish()
+            print(f"error: sweep member failed: {one_line(e)}", file=sys.stderr, flush=True)
+            return float("nan")
+    else:
+        with guard():
+            metrics, _ = train(cfg)
     key = cfg.get("optimized_metric")
     if key:
         split, name = key.split("/", 1)
@@ -33,3 +45,5 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     precheck("config")
     main()
+    if FAILED_MEMBERS:  # filled by the SweepReport callback after a multirun
+        sys.exit(1)

@@ -429,7 +429,7 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
     ("method.link=nosuch", "valid choices: probit, mc, bridge"),
     ("method.fit_split=test", "test split"),
     ("method.subset=nosuch", "valid choices: all, last_layer"),
-    ("method.num_samples=0", "num_samples must be >= 1"),
+    ("method.num_samples=0", "method.num_samples=0 is impossible; valid: an integer >= 1"),
     ("method.kfac_approx=nosuch", "valid choices: reduce, expand"),
 ])
 def test_bad_laplace_options_fail_with_one_line(tmp_path, bad, match):

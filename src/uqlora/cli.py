@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from uqlora.errors import UqloraError
 
@@ -109,9 +111,115 @@ def guard():
         finish()
 
 
+_FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _quote(value: str) -> str:
+    return value if re.fullmatch(r"[\w/.\-~:]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expand_resume(argv: list[str]) -> list[str]:
+    """``resume=<dir>`` -> the run's (or, with ``-m``, the sweep's) saved overrides, then the ones given now
+    (which win), the directory as ``hydra.run.dir`` / ``hydra.sweep.dir``, and ``resume=true``."""
+    hits = [a for a in argv if a.startswith("resume=")]
+    if not hits:
+        return argv
+    value = hits[-1].split("=", 1)[1]
+    if value.lower() in ("true", "false", "null", "none", "0", "1", "yes", "no", ""):
+        return argv
+    where = Path(value).expanduser()
+    multirun = "-m" in argv or "--multirun" in argv
+    if multirun:
+        src = where / "multirun.yaml"
+        if not src.is_file():
+            raise UqloraError(f"resume='{value}' is not a sweep directory (no multirun.yaml); with -m give the "
+                              "hydra.sweep.dir of the sweep to continue")
+        saved = list(OmegaConf.load(src).hydra.overrides.task)
+    else:
+        src = where / ".hydra" / "overrides.yaml"
+        if not src.is_file():
+            hint = " (a sweep: add -m)" if (where / "multirun.yaml").is_file() else ""
+            raise UqloraError(f"resume='{value}' is not a run directory (no .hydra/overrides.yaml){hint}")
+        saved = list(OmegaConf.load(src))
+    flags, given, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-"):
+            flags.append(a)
+            if a in _FLAGS_WITH_VALUE and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+                i += 1
+        elif not a.startswith("resume="):
+            given.append(a)
+        i += 1
+    mine = {_key(a) for a in given}
+    kept = [a for a in saved if _key(a) not in mine and _key(a) != "resume" and not _key(a).startswith("hydra.")]
+    dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    out = flags + kept + given + [f"{dir_key}={_quote(str(where))}", "resume=true"]
+    log.info("resume: %s", " ".join(out))
+    return out
+
+
 def precheck(config_name: str = "config") -> None:
     try:
+        sys.argv[1:] = expand_resume(sys.argv[1:])
         check_overrides(sys.argv[1:], config_name)
     except UqloraError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+# --- sweeps: a failing member is recorded and the others go on --------------------------------------------
+FAILED_MEMBERS: list[str] = []
+
+
+def in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except (ValueError, ImportError):
+        return False
+
+
+def sweep_summary(sweep_dir: Path) -> dict[str, list]:
+    """Members of a sweep folder by state: complete, failed (with their error), unfinished (no results)."""
+    from uqlora.runs import is_complete, read_results
+
+    out: dict[str, list] = {"complete": [], "failed": [], "unfinished": []}
+    for d in sorted(p.parent for p in Path(sweep_dir).glob("*/.hydra")):
+        res = read_results(d)
+        if is_complete(res):
+            out["complete"].append(d)
+        elif res is not None and res.get("status") == "failed":
+            out["failed"].append((d, res.get("error", "")))
+        else:
+            out["unfinished"].append(d)
+    return out
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover
+    _HydraCallback = object
+
+
+class SweepReport(_HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): after a multirun, one line per failed or unfinished member
+    and a count; ``train.py`` then exits 1 when any member failed (every launcher: it runs in the parent)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        s = sweep_summary(sweep_dir)
+        for d, err in s["failed"]:
+            print(f"failed: {d}: {err}", file=sys.stderr, flush=True)
+            FAILED_MEMBERS.append(str(d))
+        for d in s["unfinished"]:
+            print(f"unfinished (no results.json): {d}", file=sys.stderr, flush=True)
+        print(f"sweep {sweep_dir}: {len(s['complete'])} complete, {len(s['failed'])} failed, "
+              f"{len(s['unfinished'])} unfinished", flush=True)

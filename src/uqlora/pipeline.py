@@ -4,11 +4,15 @@
 post-hoc fit on the calib split -> predict every evaluation split -> metrics -> run directory:
 
     .hydra/config.yaml        the composed config (written by Hydra)
-    results.json              metrics per split, timings, versions, git commit, seed
+    results.json              status (complete | failed + error), metrics per split, timings, versions,
+                              git commit + dirty flag, data file hashes, seed, the resolved config
+    run_config.json           the resolved config the run started with (resume checks against it)
+    error.log                 the traceback of a failed run
     predictions/<split>.npz   probs, labels, ids (and samples for sampling methods)
     plots/reliability_<split>.png
     checkpoints/adapter.pt    LoRA + head tensors used for the reported numbers
     checkpoints/method_state.pt   the method's fitted post-hoc state (may be empty)
+    checkpoints/last.ckpt     adapter + optimiser + loop/callback/RNG state, for resume=true
 
 Both are plain functions returning ``(metrics, objects)`` so tests and notebooks can call them.
 """
@@ -28,11 +32,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from uqlora.callbacks import BestAdapterCheckpoint, CalibrationCallback
+from uqlora.callbacks.rng import RNGStateCheckpoint
 from uqlora.data.datamodule import UQDataModule, build_splits, task_info
 from uqlora.data.prompts import answer_words
 from uqlora.errors import UqloraError
 from uqlora.io import atomic_json, atomic_npz, atomic_torch_save
-from uqlora.logging_utils import build_logger, log_image, log_summary, log_table
+from uqlora.runs import archive_run, carry_best_adapter as _carry_best_adapter
+from uqlora.runs import check_same_config, read_results, record_failure, resume_points
+from uqlora.validate import validate_config
+from uqlora.logging_utils import build_logger, log_image, log_results_table, log_summary, log_table
 from uqlora.methods import get_method
 from uqlora.metrics import evaluate_ood, evaluate_predictions, reliability_bins, reliability_diagram
 from uqlora.models.backbone import build_backbone, resolve_head
@@ -84,27 +92,130 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
-    vci = t.get("val_check_interval")
-    if n_train_batches and isinstance(vci, int) and vci > n_train_batches:
-        log.info("trainer.val_check_interval=%d > %d batches per epoch: validating at each epoch end", vci,
-                 n_train_batches)
-        t["val_check_interval"] = 1.0
+    t["strategy"] = make_strategy(t.get("strategy", "auto"))
     cbs = list(callbacks)
     if cfg.get("progress_bar", "rich") == "rich":
         cbs.append(RichProgressBar(leave=True))
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in cbs)
-    # methods whose predictive needs gradients (Laplace's GLM Jacobians) predict under no_grad, not inference_mode
-    return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=has_ckpt,
-                      enable_progress_bar=cfg.get("progress_bar", "rich") != "none", inference_mode=inference_mode, **t)
+
+    def make(**over):
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:  # methods whose predictive needs gradients (Laplace's GLM Jacobians) predict under no_grad
+            return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=has_ckpt,
+                              enable_progress_bar=cfg.get("progress_bar", "rich") != "none",
+                              inference_mode=inference_mode, **{**t, **over})
+        except MisconfigurationException as e:  # e.g. trainer=fsdp / accelerator=gpu without a GPU
+            strat = cfg.trainer.get("strategy", "auto")
+            strat = str(strat.get("_target_", "")).rsplit(".", 1)[-1] if isinstance(strat, DictConfig) else strat
+            raise UqloraError(f"trainer (accelerator={t.get('accelerator')}, devices={t.get('devices')}, "
+                              f"strategy={strat}): {e}") from e
+
+    trainer = make()
+    world = num_processes(trainer)
+    vci = t.get("val_check_interval")
+    per_rank = -(-n_train_batches // world)  # each process sees 1/W of the train batches (DDP)
+    if n_train_batches and isinstance(vci, int) and vci > per_rank:
+        log.info("trainer.val_check_interval=%d > %d batches per epoch%s: validating at each epoch end", vci, per_rank,
+                 f" and process ({world} processes)" if world > 1 else "")
+        trainer = make(val_check_interval=1.0)
+    if world > 1:
+        start_processes(trainer)
+    return trainer
+
+
+def num_processes(trainer: pl.Trainer) -> int:
+    """How many processes the trainer's strategy runs (devices x nodes), known before its processes start."""
+    s = trainer.strategy
+    return max(int(trainer.world_size), int(getattr(s, "num_processes", 1) or 1) * int(getattr(s, "num_nodes", 1) or 1))
+
+
+def make_strategy(spec):
+    """``trainer.strategy``: a Lightning strategy name (``auto``, ``ddp``, ...) or a config with ``_target_``
+    (e.g. ``lightning.pytorch.strategies.DDPStrategy``, ``FSDPStrategy``) instantiated with its arguments;
+    ``auto_wrap_policy`` / ``activation_checkpointing_policy`` given as a list of dotted class names (the
+    transformer block classes) become the set of classes Lightning expects."""
+    if not isinstance(spec, dict):
+        return spec
+    import importlib
+
+    from hydra.utils import instantiate
+
+    spec = dict(spec)
+    for key in ("auto_wrap_policy", "activation_checkpointing_policy"):
+        names = spec.get(key)
+        if isinstance(names, (list, tuple)):
+            classes, missing = set(), []
+            for name in names:
+                mod, _, cls = str(name).rpartition(".")
+                try:
+                    classes.add(getattr(importlib.import_module(mod), cls))
+                except (ImportError, AttributeError, ValueError):
+                    missing.append(str(name))
+            if missing:
+                log.info("trainer.strategy.%s: skipping classes not importable here: %s", key, ", ".join(missing))
+            if not classes:
+                raise UqloraError(f"trainer.strategy.{key}: none of {list(names)} can be imported")
+            spec[key] = classes
+    return instantiate(spec, _convert_="all")
+
+
+def start_processes(trainer: pl.Trainer) -> None:
+    """Start the other processes of a multi-process strategy (DDP) now and bring up the process group, instead
+    of at the first ``fit``/``predict``: every stage outside the Trainer -- post-hoc fits (KFAC factors summed
+    across processes), runs without training (``method.map_run``) -- then runs in every process with the
+    collectives available. Lightning re-launches the script for ranks > 0 (with ``hydra.run.dir`` set to this
+    run's directory); srun / torchrun start them themselves. Idempotent: later fits reuse the process group."""
+    import torch.distributed
+
+    strategy = trainer.strategy
+    launcher = getattr(strategy, "launcher", None)
+    env = getattr(strategy, "cluster_environment", None)
+    up = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not up and launcher is not None and env is not None and not env.creates_processes_externally:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized():
+            raise UqloraError(f"a {trainer.world_size}-process strategy re-runs the script once per process: start it "
+                              "with `python train.py ...` (or eval.py), or let srun/torchrun start the processes")
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise UqloraError("Lightning cannot re-launch the processes of a multi-process strategy from a local "
+                              "multirun (-m): run each point on its own, or use hydra/launcher=slurm with "
+                              "hydra.launcher.tasks_per_node=<devices> (srun starts one process per device)")
+        launcher.launch(lambda: None, trainer=trainer)
+    strategy.setup_environment()  # ranks, device, process group (joined once, reused by every later trainer)
 
 
 def predict(trainer: pl.Trainer, method, dm: UQDataModule, split: str) -> dict[str, np.ndarray]:
-    outs = trainer.predict(method, dataloaders=dm.loader(split))
-    res = {k: torch.cat([o[k] for o in outs], dim=1 if k == "samples" else 0).cpu().numpy() for k in outs[0]}
+    """The predictive on every example of ``split``, in data order. With W > 1 processes each predicts a
+    contiguous, unpadded shard and the shards are gathered in rank order: every example exactly once, and every
+    rank returns the whole split."""
+    from uqlora.distributed import all_gather_object, global_rank, shard_loader, world_size
+
+    loader = dm.loader(split)
+    world = world_size()  # the process group's: every process runs this same call
+    if world > 1:
+        loader = shard_loader(loader, world, global_rank())
+    outs = trainer.predict(method, dataloaders=loader)
+    res = _concat_outputs(outs)
+    if world > 1:
+        res = _concat_outputs([p for p in all_gather_object(res) if p])
     res["ids"] = np.array([str(r["id"]) for r in dm.records[split]])
+    if len(res.get("labels", ())) != len(res["ids"]):
+        raise UqloraError(f"predictions on '{split}' cover {len(res.get('labels', ()))} of {len(res['ids'])} examples")
     return res
+
+
+def _concat_outputs(outs: list[dict]) -> dict[str, np.ndarray]:
+    """Batch (or per-process) outputs -> one array per key; samples [S, N, C] are joined on the example axis."""
+    if not outs:
+        return {}
+    cat = lambda xs, dim: (torch.cat(xs, dim=dim).cpu().numpy() if torch.is_tensor(xs[0])  # noqa: E731
+                           else np.concatenate(xs, axis=dim))
+    return {k: cat([o[k] for o in outs], 1 if k == "samples" else 0) for k in outs[0]}
 
 
 def combine(members: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -230,9 +341,22 @@ def _run_dir(cfg) -> Path:
         return Path(cfg.get("run_dir") or "outputs/manual")
 
 
+def method_label(cfg) -> str:
+    """The method option as chosen (``laplace_ll``, ``swag_lora``, ...; tables and run directories use it),
+    falling back to the method class name outside a Hydra run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("method")
+    except ValueError:
+        choice = None
+    return str(choice or cfg.method.name)
+
+
 def write_results(run_dir: Path, cfg, metrics: dict, timings: dict, extra: dict | None = None) -> dict:
     results = {
-        "method": cfg.method.name, "model": cfg.model.name, "data": cfg.data.name, "seed": int(cfg.seed),
+        "method": cfg.method.name, "method_label": method_label(cfg), "model": cfg.model.name, "data": cfg.data.name,
+        "seed": int(cfg.seed),
         "run_dir": str(run_dir), "metrics": metrics, "timings": timings, **(extra or {}),
         "versions": _versions(), "git": _git(), "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -311,10 +435,13 @@ def load_map_run(cfg, method, member: int = 0) -> str:
     return str(dirs[member])
 
 
-def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: str, member: int = 0) -> dict:
-    """Fit one member (when its method trains), restore its best adapter, save its state."""
+def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: str, member: int = 0,
+               ckpt_path: str | None = None) -> dict:
+    """Fit one member (when its method trains; from ``ckpt_path`` when resuming), restore its best adapter,
+    save its state."""
     ckpt = BestAdapterCheckpoint(member_dir / "checkpoints", monitor=cfg.train.get("monitor", "val/loss"))
-    callbacks = [ckpt, CalibrationCallback(member_dir / "plots", n_bins=int(cfg.eval.get("n_bins", 15)))]
+    callbacks = [ckpt, CalibrationCallback(member_dir / "plots", n_bins=int(cfg.eval.get("n_bins", 15))),
+                 RNGStateCheckpoint()]
     callbacks += method.extra_callbacks(member_dir)
     if cfg.train.get("early_stopping_patience"):
         from lightning.pytorch.callbacks import EarlyStopping
@@ -336,12 +463,15 @@ def fit_member(cfg, method, dm, member_dir: Path, logger, timings: dict, key: st
     if method.trains:
         method.prepare_fit(dm)
         t0 = time.perf_counter()
-        ckpt_path = cfg.train.get("ckpt_path")
+        if ckpt_path:
+            _carry_best_adapter(Path(ckpt_path), ckpt.path)
+            log.info("resuming %s from %s", member_dir, ckpt_path)
+            info["resumed_from"] = str(ckpt_path)
         trainer.fit(method, datamodule=dm, ckpt_path=ckpt_path, weights_only=True if ckpt_path else None)
         timings[f"fit{key}"] = round(time.perf_counter() - t0, 3)
         want_best = method.restore_best_after_fit and bool(cfg.train.get("restore_best", True))
         restored = want_best and ckpt.restore_best(method)
-        info = {"steps": int(trainer.global_step), "best_val_loss": ckpt.best if ckpt.best_step >= 0 else None,
+        info = {**info, "steps": int(trainer.global_step), "best_val_loss": ckpt.best if ckpt.best_step >= 0 else None,
                 "best_step": ckpt.best_step if ckpt.best_step >= 0 else None, "restored_best": bool(restored),
                 "final_train_loss": float(trainer.callback_metrics.get("train/loss_epoch", float("nan")))}
         if want_best and not restored:
@@ -375,15 +505,44 @@ def predict_member(cfg, method, dm, trainer, timings: dict, key: str, member: in
 
 
 def train(cfg: DictConfig):
-    """Fit (M members), post-hoc fit, evaluate and write the run directory. Returns ``(metrics, objects)``."""
-    t_start = time.perf_counter()
+    """Fit (M members), post-hoc fit, evaluate and write the run directory. Returns ``(metrics, objects)``.
+
+    The run directory decides what happens first: one that already holds a complete ``results.json`` is
+    skipped (``skip_complete``; re-running a sweep skips its finished members), one that holds an
+    unfinished run's ``checkpoints/last.ckpt`` is continued when ``resume=true`` (and refused otherwise).
+    A run that fails writes ``results.json`` with ``status: failed`` and the error before re-raising."""
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
-    M = int(cfg.method.get("num_models", 1))
-    if M < 1:
-        raise UqloraError(f"method.num_models must be >= 1, got {M}")
-    if M > 1 and cfg.train.get("ckpt_path"):
+    previous = read_results(run_dir)
+    if previous is not None and previous.get("status", "complete") == "complete":
+        if cfg.get("skip_complete", True):
+            return _skip_complete(cfg, run_dir, previous)
+        archive_run(run_dir)
+    M = int(cfg.method.get("num_models", 1)) if isinstance(cfg.method.get("num_models", 1), int) else 1
+    if M > 1 and cfg.train.get("ckpt_path") not in (None, "last"):
         raise UqloraError("train.ckpt_path resumes a single model; resume ensemble members one run at a time")
+    resume_from = resume_points(cfg, run_dir, max(M, 1))  # refusals here leave the directory as it was
+    try:
+        return _train(cfg, run_dir, resume_from)
+    except Exception as e:
+        record_failure(run_dir, cfg, e)
+        raise
+
+
+def _skip_complete(cfg: DictConfig, run_dir: Path, previous: dict):
+    """A run directory that already holds complete results (a re-run sweep member): report them, do nothing."""
+    check_same_config(run_dir, previous.get("config") or {}, cfg, "skip (skip_complete=true)")
+    log.info("skipping %s: it already holds a complete results.json (skip_complete=false re-runs it)", run_dir)
+    print(f"skipped (complete results): {run_dir}", flush=True)
+    if cfg.get("print_table", True):
+        print_table(previous, run_dir)
+    return previous["metrics"], {"run_dir": run_dir, "results": previous, "skipped": True}
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume_from: list[str | None]):
+    t_start = time.perf_counter()
+    validate_config(cfg)
+    M = int(cfg.method.get("num_models", 1))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     files = data_files(cfg)
@@ -395,16 +554,18 @@ def train(cfg: DictConfig):
     for m in range(M):
         key = "" if M == 1 else f"_member{m}"
         method, dm = build_member(cfg, info, head, records, init_seed + m)
-        fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key, member=m)
+        fitted = fit_member(cfg, method, dm, _member_dir(run_dir, m, M), logger, timings, key, member=m,
+                            ckpt_path=resume_from[m])
         trainer = fitted.pop("trainer")
         member_preds.append(predict_member(cfg, method, dm, trainer, timings, key, m, M))
         members.append({"init_seed": init_seed + m, **fitted})
     preds = {split: combine([mp[split] for mp in member_preds]) for split in member_preds[0]}
     metrics = report(cfg, run_dir, preds, logger, timings)
     timings["total"] = round(time.perf_counter() - t_start, 3)
-    extra = {"splits": {k: len(v) for k, v in records.items()}, "num_models": M,
+    extra = {"status": "complete", "splits": {k: len(v) for k, v in records.items()}, "num_models": M,
              "train": members[0] if M == 1 else members, "data_files": files}
     results = write_results(run_dir, cfg, metrics, timings, extra)
+    log_results_table(logger, results)
     if cfg.get("print_table", True):
         print_table(results, run_dir)
     return metrics, {"method": method, "datamodule": dm, "trainer": trainer, "run_dir": run_dir, "results": results}
@@ -471,6 +632,7 @@ def evaluate_run(ecfg: DictConfig):
     for key in ("eval", "logger"):
         if ecfg.get(key) is not None:
             cfg[key] = OmegaConf.merge(cfg.get(key) or {}, ecfg[key])
+    validate_config(cfg)
     out_dir = _run_dir(ecfg)
     files = data_files(cfg)
     info, head, records = load_task(cfg)
@@ -497,6 +659,7 @@ def evaluate_run(ecfg: DictConfig):
     timings["total"] = round(time.perf_counter() - t_start, 3)
     results = write_results(out_dir, cfg, metrics, timings, {"source_runs": [str(s) for s in sources],
                                                             "num_models": len(member_preds), "data_files": files})
+    log_results_table(logger, results)
     if ecfg.get("print_table", True):
         print_table(results, out_dir)
     return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}

@@ -9,6 +9,10 @@ From ``start`` (an epoch, or a step; a value in (0, 1) is a fraction of all trai
 
 The moments live in a :class:`uqlora.core.swag.SWAG`; the callback's ``state_dict`` holds them (and its
 counters), so a run resumed from a Lightning checkpoint keeps its snapshots.
+
+Under DDP the parameters are identical on every process after each step, so every process collects the same
+snapshots into its own copy (collected once per process, never summed across processes); rank 0 alone writes
+them (Lightning's checkpoints, ``method_state.pt``), and the copies are checked to agree at the end of fit.
 """
 from __future__ import annotations
 
@@ -64,6 +68,8 @@ class SWAGCallback(pl.Callback):
         return int(trainer.global_step if self.unit == "step" else trainer.current_epoch)
 
     def _begin(self, trainer, pl_module):
+        if self.reload_best and self.best_path is not None:
+            trainer.strategy.barrier("swag_reload_best")  # DDP: rank 0 alone writes the best adapter; wait for it
         if self.reload_best and self.best_path is not None and self.best_path.is_file():
             pl_module.backbone.load_trainable_state_dict(torch.load(self.best_path, weights_only=True))
             log.info("SWAG phase: reloaded the best adapter %s", self.best_path)
@@ -106,10 +112,24 @@ class SWAGCallback(pl.Callback):
                 self._collect(now)
 
     def on_fit_end(self, trainer, pl_module):
+        if trainer.world_size > 1:
+            self._check_replicas(trainer)
         if self.swag.n == 0:
             log.warning("SWAG collected no snapshot: method.start is past the end of training "
                         "(start=%s %s, trained %d steps / %d epochs)", self.start, self.unit, trainer.global_step,
                         trainer.current_epoch)
+
+    def _check_replicas(self, trainer) -> None:
+        """Under DDP every process holds the same parameters after each optimiser step, so each collects the
+        same snapshots: the moments are collected once per process, never summed across processes, and rank 0
+        alone saves them. Checked here against rank 0's copy (one broadcast of the mean)."""
+        ref = trainer.strategy.broadcast((self.swag.n, self.swag.mean.detach().cpu()), src=0)
+        n0, mean0 = ref
+        if n0 != self.swag.n or (self.swag.n and not torch.allclose(mean0, self.swag.mean.detach().cpu(),
+                                                                    rtol=1e-5, atol=1e-7)):
+            raise UqloraError(f"SWAG moments differ across processes (rank {trainer.global_rank}: {self.swag.n} "
+                              f"snapshots, rank 0: {n0}): the strategy does not keep the parameters replicated "
+                              "(SWAG needs DDP, not a sharded strategy)")
 
     # --- resume -------------------------------------------------------------------------------
     def state_dict(self):

@@ -26,13 +26,15 @@ forward pass. The model must be in eval mode (no dropout) while fitting; :func:`
 Factors wider than ``lowrank_threshold`` are kept as a rank-``n_kfac`` square root ``B`` (``B B^T ~= A``)
 updated by incremental SVD of ``[B, new rows]`` -- the paper's treatment of the wide factor of LoRA A
 (its input) and LoRA B (its output). Everything is a sum, so factors from several processes combine by
-summing (dense) or by re-truncating the stacked square roots (:meth:`Factor.merge`).
+summing (dense) or by re-truncating the stacked square roots (:meth:`Factor.merge`): under DDP each process
+fits its shard of the data and :func:`reduce_kfac` sums the shards (:meth:`Factor.all_reduce`).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +46,60 @@ log = logging.getLogger(__name__)
 FISHERS = ("exact", "mc", "empirical")
 SUBSETS = ("all", "last_layer")
 KFAC_APPROX = ("reduce", "expand")
+
+
+JITTERS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal, tried in turn
+
+
+def stable_eigh(mat: torch.Tensor, what: str = "KFAC factor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.linalg.eigh`` of a symmetric PSD curvature factor that never crashes on a singular or
+    ill-conditioned one: a non-finite factor is a one-line error (its gradients overflowed); when the solver
+    does not converge, ``jitter * I`` (relative jitter 1e-10, 1e-8, ... of the mean diagonal) is added and the
+    decomposition retried, with a warning naming the jitter. A singular factor needs no jitter (its zero
+    eigenvalues are fine: the prior precision keeps the posterior proper)."""
+    if not torch.isfinite(mat).all():
+        raise UqloraError(f"{what} has non-finite entries (the fit data's gradients overflowed): "
+                          "check the MAP model's loss, or fit in fp32")
+    try:
+        return torch.linalg.eigh(mat)
+    except torch.linalg.LinAlgError:
+        pass
+    eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
+    scale = float(mat.diagonal().abs().mean().clamp_min(torch.finfo(mat.dtype).tiny))
+    for rel in JITTERS:
+        try:
+            lam, Q = torch.linalg.eigh(mat + rel * scale * eye)
+        except torch.linalg.LinAlgError:
+            continue
+        msg = (f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) is ill-conditioned: eigh did not converge; "
+               f"added jitter {rel * scale:.3g} * I (relative {rel:g})")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        return lam, Q
+    raise UqloraError(f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) could not be decomposed even with relative "
+                      f"jitter {JITTERS[-1]:g}")
+
+
+def stable_svd(mat: torch.Tensor, what: str = "KFAC low-rank factor") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, S)`` of the thin SVD of ``mat`` [d, m]; when the SVD does not converge, from the (jittered, see
+    :func:`stable_eigh`) eigendecomposition of the small Gram matrix ``mat^T mat`` instead."""
+    if not torch.isfinite(mat).all():
+        raise UqloraError(f"{what} has non-finite entries (the fit data's gradients overflowed): "
+                          "check the MAP model's loss, or fit in fp32")
+    try:
+        U, S, _ = torch.linalg.svd(mat, full_matrices=False)
+        return U, S
+    except torch.linalg.LinAlgError:
+        pass
+    lam, V = stable_eigh(mat.T @ mat, what)
+    lam, V = lam.flip(0).clamp(min=0.0), V.flip(1)
+    S = lam.sqrt()
+    keep = S > S.max() * 1e-12 if S.numel() else S > 0
+    U = (mat @ V[:, keep]) / S[keep]
+    msg = f"{what}: the SVD did not converge; used the eigendecomposition of its Gram matrix"
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+    log.warning(msg)
+    return U, S[keep]
 
 
 class Factor:
@@ -77,7 +133,7 @@ class Factor:
             return
         stacked = torch.cat([self.root, torch.cat(self._buf).T], dim=1)  # [d, k + n]
         self._buf, self._nbuf = [], 0
-        U, S, _ = torch.linalg.svd(stacked, full_matrices=False)
+        U, S = stable_svd(stacked)
         k = min(self.rank, S.numel())
         self.root = U[:, :k] * S[:k]
 
@@ -91,6 +147,25 @@ class Factor:
         else:
             self.mat += other.mat.to(self.mat)
 
+    def all_reduce(self, group=None) -> None:
+        """Replace this process's sum by the sum over all processes of ``group`` (torch.distributed): dense
+        factors by an all-reduce; low-rank ones by gathering every process's square root (zero-padded to
+        ``rank`` columns) and re-truncating them stacked in rank order, the same computation on every process
+        (:meth:`merge` over all ranks), so all processes end with the same factor."""
+        import torch.distributed as dist
+
+        if not self.lowrank:
+            dist.all_reduce(self.mat, op=dist.ReduceOp.SUM, group=group)
+            return
+        self._flush()
+        root = torch.zeros(self.dim, self.rank, dtype=self.dtype, device=self.root.device)
+        root[:, :self.root.shape[1]] = self.root
+        roots = [torch.empty_like(root) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(roots, root, group=group)
+        self.root = root[:, :0]
+        self._buf, self._nbuf = [r.T for r in roots], sum(r.shape[1] for r in roots)
+        self._flush()
+
     def dense(self) -> torch.Tensor:
         if self.lowrank:
             self._flush()
@@ -102,11 +177,11 @@ class Factor:
         eigenvalues from round-off are clipped to 0 (a warning when they are not tiny)."""
         if self.lowrank:
             self._flush()
-            U, S, _ = torch.linalg.svd(self.root, full_matrices=False)
+            U, S = stable_svd(self.root)
             keep = S > 0
             return U[:, keep].contiguous(), S[keep] ** 2
         mat = 0.5 * (self.mat + self.mat.T)
-        lam, Q = torch.linalg.eigh(mat)
+        lam, Q = stable_eigh(mat)
         neg = lam.min().item()
         if neg < -1e-6 * max(lam.max().item(), 1e-30):
             log.warning("KFAC factor has a negative eigenvalue %.3g (max %.3g); clipping to 0", neg, lam.max().item())
@@ -303,10 +378,32 @@ def check_eval_mode(module: nn.Module) -> None:
                           f"training mode (e.g. '{active[0]}'); call .eval() first")
 
 
+def reduce_kfac(result: KFACResult, group=None) -> KFACResult:
+    """Sum the factors, the example count and the log-likelihood of per-process fits (each process fitted
+    :func:`fit_kfac` on its own shard of the data) over the processes of ``group``; every process gets the
+    sums. The identity without an initialised process group (or with one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return result
+    for lay in result.layers:
+        lay.A.all_reduce(group)
+        lay.G.all_reduce(group)
+    ref = result.layers[0].A
+    dev = ref.mat.device if not ref.lowrank else ref.root.device
+    tot = torch.tensor([float(result.n_data), result.log_lik], dtype=torch.float64, device=dev)
+    dist.all_reduce(tot, op=dist.ReduceOp.SUM, group=group)
+    n = int(round(tot[0].item()))
+    if n == 0:
+        raise UqloraError("the Laplace fit split is empty")
+    return KFACResult(result.layers, n, float(tot[1].item()))
+
+
 def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str = "exact", n_samples: int = 1,
              lowrank_threshold: int = 100, n_kfac: int = 10, device=None, autocast=None, seed: int = 0,
-             progress: bool = True, approx: str = "reduce") -> KFACResult:
-    """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode."""
+             progress: bool = True, approx: str = "reduce", allow_empty: bool = False) -> KFACResult:
+    """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode.
+    ``allow_empty``: an empty loader gives zero factors (a process's empty shard, summed by :func:`reduce_kfac`)."""
     if approx not in KFAC_APPROX:
         raise UqloraError(f"unknown method.kfac_approx '{approx}'; valid choices: {', '.join(KFAC_APPROX)}")
     if fisher not in FISHERS:
@@ -331,7 +428,7 @@ def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str =
                 raise UqloraError("non-finite logits while fitting the KFAC factors (a diverged MAP model?)")
             ll += accumulate(layers, logits, batch, fisher, n_samples, gen, approx)
         n += int(batch["labels"].shape[0])
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise UqloraError("the Laplace fit split is empty")
     return KFACResult(layers, n, ll)
 

@@ -32,6 +32,7 @@ import math
 
 import torch
 
+from uqlora.core.kfac import stable_eigh
 from uqlora.errors import UqloraError
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class KronPosterior:
 
 
 def _sqrtm_psd(f_var: torch.Tensor) -> torch.Tensor:
-    lam, Q = torch.linalg.eigh(0.5 * (f_var + f_var.transpose(-1, -2)))
+    lam, Q = stable_eigh(0.5 * (f_var + f_var.transpose(-1, -2)), "GLM predictive covariance")
     return Q * lam.clamp(min=0).sqrt().unsqueeze(-2)
 
 

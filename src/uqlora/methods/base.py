@@ -151,8 +151,11 @@ class UQMethod(pl.LightningModule):
         logits = self(batch)
         labels = batch["labels"]
         n = labels.shape[0]
-        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, on_epoch=True, batch_size=n)
-        self.log("val/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, on_epoch=True, batch_size=n)
+        # sync_dist: under DDP every process sees the validation loss of the whole split (mean of the per-process
+        # means), so best-adapter selection and early stopping decide the same on every rank (no-op otherwise)
+        self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log("val/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, on_epoch=True, batch_size=n,
+                 sync_dist=True)
         return {"probs": logits.softmax(-1).detach(), "labels": labels}
 
     def predictive(self, batch) -> torch.Tensor:
@@ -178,6 +181,25 @@ class UQMethod(pl.LightningModule):
         """Within the context the backbone holds weight draw ``s`` (sampling methods override this)."""
         yield
 
+    def setup(self, stage: str) -> None:
+        # sharded strategies (FSDP, FSDP2 / ModelParallel, DeepSpeed ZeRO-3) replace every parameter by a shard
+        # of a flat buffer during fit (and rename the wrapped modules): the best-adapter checkpoints, SWAG
+        # snapshots and the post-hoc stages read the LoRA (+ head) tensors directly and would save or fit shards
+        strategy = self.trainer.strategy
+        name = type(strategy).__name__
+        zero3 = name.startswith("DeepSpeed") and (getattr(strategy, "config", None) or {}).get(
+            "zero_optimization", {}).get("stage") == 3
+        if stage == "fit" and (name.startswith(("FSDP", "ModelParallel")) or zero3):
+            raise UqloraError(f"trainer strategy {name} shards the LoRA tensors during fit, which the adapter "
+                              "checkpoints, SWAG and the post-hoc stages read whole; use trainer=ddp (replicated "
+                              "weights; for memory: model.gradient_checkpointing=true, model.dtype=bf16, "
+                              "model.load_in_4bit=true)")
+
+    def on_fit_end(self):
+        # multi-process runs: rank 0 alone writes the adapters of the fit (best_adapter.pt, ...); the others read
+        # them right after fit (restore_best), so they wait here until rank 0 is done (no-op in one process)
+        self.trainer.strategy.barrier("uqlora_fit_end")
+
     def extra_callbacks(self, member_dir) -> list:
         """Callbacks the method needs during fit (e.g. SWAG moment collection)."""
         return []
@@ -185,6 +207,19 @@ class UQMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint):
+        """Loading is non-strict (the frozen backbone is not in the checkpoint), so check here that the
+        checkpoint holds exactly this model's trainable tensors: another model's fails in one line."""
+        own = {f"backbone.{n}": tuple(p.shape) for n, p in self.backbone.named_parameters() if p.requires_grad}
+        got = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
+        missing, unexpected = sorted(set(own) - set(got)), sorted(set(got) - set(own))
+        wrong = sorted(k for k in own if k in got and own[k] != got[k])
+        if missing or unexpected or wrong:
+            first = (wrong or missing or unexpected)[0]
+            raise UqloraError(f"checkpoint does not match this model ({len(missing)} missing, {len(unexpected)} "
+                              f"unexpected, {len(wrong)} wrong-shape tensors, e.g. '{first}'): it was saved from a "
+                              "different model/head/LoRA config")
 
     def prepare_fit(self, datamodule) -> None:
         """Called before training (e.g. UAL attaches per-example label smoothing to the train records); here:

@@ -2,7 +2,8 @@
 approximation over the LoRA (+ head) weights of a MAP fine-tuned model.
 
 Stages: MAP training (or the adapter of a finished run, ``method.map_run=<run dir>``) -> KFAC factors over
-the ``fit_split`` (train; never test) in eval mode -> prior precision (``prior.method``: ``marglik`` the
+the ``fit_split`` (train; never test) in eval mode, under DDP one shard per process summed across processes
+-> prior precision (``prior.method``: ``marglik`` the
 evidence, ``val_nll`` the predictive NLL on ``prior.split`` by grid or gradient search, ``fixed``) ->
 predictive: linearised GLM (``link``: probit | mc | bridge) or NN sampling (``pred_type=nn``).
 
@@ -20,7 +21,9 @@ from typing import List, Optional
 
 import torch
 
-from uqlora.core.kfac import FISHERS, KFAC_APPROX, SUBSETS, capture, fit_kfac, per_example_jacobians, select_layers
+from uqlora import distributed as dist
+from uqlora.core.kfac import (FISHERS, KFAC_APPROX, SUBSETS, capture, fit_kfac, per_example_jacobians, reduce_kfac,
+                              select_layers)
 from uqlora.core.laplace import LINKS, KronPosterior, glm_predictive
 from uqlora.errors import UqloraError
 from uqlora.methods import register
@@ -99,10 +102,19 @@ class LaplaceMethod(UQMethod):
         c = self.mcfg
         device = self.fit_device()
         self.backbone.to(device)
-        res = fit_kfac(self.backbone, datamodule.loader(c.fit_split), self.layers, fisher=c.fisher,
+        # DDP: each process fits the factors on its contiguous shard of fit_split, then the sums are added up
+        # across processes (reduce_kfac): N / W examples per process and one all-reduce of the factors, the same
+        # factors as one process over the whole split. mc Fisher: an independent label stream per process.
+        world, rank = dist.world_size(), dist.global_rank()
+        loader = datamodule.loader(c.fit_split)
+        if world > 1:
+            loader = dist.shard_loader(loader, world, rank)
+        res = fit_kfac(self.backbone, loader, self.layers, fisher=c.fisher,
                        n_samples=int(c.fisher_samples), lowrank_threshold=int(c.lowrank_threshold),
-                       n_kfac=int(c.n_kfac), device=device, autocast=self.autocast(device), seed=int(c.seed),
-                       progress=self.show_progress, approx=c.kfac_approx)
+                       n_kfac=int(c.n_kfac), device=device, autocast=self.autocast(device),
+                       seed=int(c.seed) + (rank if world > 1 else 0), progress=self.show_progress,
+                       approx=c.kfac_approx, allow_empty=world > 1)
+        res = reduce_kfac(res)
         post = KronPosterior.from_kfac(res, float(c.prior.init), c.prior.structure)
         post = KronPosterior.from_state_dict({k: _cpu(v) for k, v in post.state_dict().items()})
         self.posterior = post
@@ -113,6 +125,9 @@ class LaplaceMethod(UQMethod):
             post.optimize_marglik(steps=int(c.prior.steps), lr=float(c.prior.lr))
         elif c.prior.method == "val_nll":
             self._tune_val_nll(datamodule, device)
+        if world > 1:  # every process tuned the prior on the same sums (val_nll: on the whole prior.split each);
+            post.prior_precision = dist.broadcast_object(post.prior_precision.cpu())  # rank 0's, bit for bit
+        self.tuning["fit_processes"] = world
         self.tuning.update(prior_precision=[float(d) for d in post.prior_precision.unique()] if c.prior.structure == "scalar"
                            else [float(d) for d in post.prior_precision],
                            log_marglik=float(post.log_marginal_likelihood()))

@@ -10,6 +10,8 @@ MultiSWAG = ``num_models`` independently seeded SWAG runs; the pipeline pools th
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,6 +22,8 @@ from uqlora.core.swag import SWAG, assign, flatten
 from uqlora.errors import UqloraError
 from uqlora.methods import register
 from uqlora.methods.base import UQMethod
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -81,6 +85,12 @@ class SWAGMethod(UQMethod):
         if self.swag.n == 0:
             raise UqloraError("SWAG collected no snapshot: method.start is after the end of training "
                               f"(start={self.mcfg.start} {self.mcfg.unit}); lower it or train longer")
+        if self.swag.n < self.swag.K and not self.mcfg.get("diag_only", False):
+            msg = (f"SWAG collected {self.swag.n} snapshot(s), fewer than K={self.swag.K} (method.max_rank): sampling "
+                   f"with a rank-{self.swag.rank} deviation matrix" + (" (diagonal only)" if self.swag.rank < 2 else "")
+                   + "; train longer or collect more often (method.collect_every) for the full low-rank part")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
         assign(self.swag_params, self.swag.mean)  # the SWA mean is the point estimate kept in adapter.pt
         self.fitted = True
 

@@ -1,0 +1,197 @@
+"""The state of a run directory: complete, failed, unfinished (resumable) or fresh.
+
+* ``results.json`` is written atomically and carries ``status``: ``complete`` (metrics present) or
+  ``failed`` (with the one-line ``error``; the traceback is in ``error.log``). A truncated or unreadable file
+  counts as absent, never as a result.
+* ``run_config.json`` is the resolved config as the run first started; resuming or skipping compares the new
+  config against it (or against the config in ``results.json``), so a directory is never continued or
+  reported under a config it was not run with.
+* ``checkpoints/last.ckpt`` (``members/<m>/checkpoints/last.ckpt`` for ensembles) is where an unfinished run
+  resumes from.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from uqlora.errors import UqloraError
+from uqlora.io import atomic_json, atomic_write
+
+log = logging.getLogger(__name__)
+CONFIG_SNAPSHOT = "run_config.json"
+# keys that may differ between a run and its resumption / re-run without changing what it computes (or that
+# only extend it: a longer schedule); anything else must match
+VOLATILE = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger",
+            "train.ckpt_path", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.accelerator",
+            "trainer.strategy", "trainer.num_nodes", "data.num_workers", "data.data_dir", "optimized_metric")
+
+
+def read_results(run_dir: Path) -> dict | None:
+    """``results.json`` of a run directory, or None when absent, truncated or not a results file."""
+    try:
+        res = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(res, dict) or ("metrics" not in res and res.get("status") != "failed"):
+        return None
+    return res
+
+
+def is_complete(res: dict | None) -> bool:
+    return res is not None and res.get("status", "complete") == "complete" and isinstance(res.get("metrics"), dict)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """``key: old -> new`` for every differing non-volatile key of two resolved configs."""
+    a, b = _flat(old), _flat(new)
+
+    def volatile(k):
+        return any(k == v or k.startswith(v + ".") for v in VOLATILE)
+
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if not volatile(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def check_same_config(run_dir: Path, old: dict, cfg: DictConfig, action: str) -> None:
+    diff = config_diff(old, resolved(cfg))
+    if diff:
+        _restore_hydra_files(run_dir)
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UqloraError(f"cannot {action} '{run_dir}': it was run with another config ({'; '.join(diff[:3])}{more}); "
+                          "use a new directory (hydra.run.dir / hydra.sweep.dir)")
+
+
+def snapshot_config(run_dir: Path, cfg: DictConfig, fresh: bool) -> None:
+    """Write ``run_config.json`` (and keep Hydra's ``.hydra/*.yaml`` in ``.hydra/started/``) when a run starts
+    from scratch; kept as they are when it resumes."""
+    path = Path(run_dir) / CONFIG_SNAPSHOT
+    if fresh or not path.is_file():
+        atomic_json(resolved(cfg), path)
+        hydra_dir = Path(run_dir) / ".hydra"
+        for f in hydra_dir.glob("*.yaml"):
+            (hydra_dir / "started").mkdir(exist_ok=True)
+            shutil.copyfile(f, hydra_dir / "started" / f.name)
+
+
+def _restore_hydra_files(run_dir: Path) -> None:
+    """Hydra rewrote ``.hydra/*.yaml`` for a command that is refused: put the run's own back."""
+    started = Path(run_dir) / ".hydra" / "started"
+    for f in started.glob("*.yaml"):
+        shutil.copyfile(f, started.parent / f.name)
+
+
+def last_checkpoints(run_dir: Path, num_models: int) -> list[Path | None]:
+    dirs = [run_dir] if num_models == 1 else [run_dir / "members" / str(m) for m in range(num_models)]
+    return [d / "checkpoints" / "last.ckpt" if (d / "checkpoints" / "last.ckpt").is_file() else None for d in dirs]
+
+
+def resume_points(cfg: DictConfig, run_dir: Path, num_models: int) -> list[str | None]:
+    """The checkpoint each member resumes from (None: from scratch). ``train.ckpt_path=<file>`` resumes a
+    single model from any run's checkpoint into this new directory; ``resume=true`` (or
+    ``train.ckpt_path=last``) continues this directory's own unfinished run. A directory holding an unfinished
+    run is never trained over from scratch."""
+    explicit = cfg.train.get("ckpt_path")
+    resume = bool(cfg.get("resume", False)) or explicit == "last"
+    found = last_checkpoints(run_dir, num_models)
+    if explicit not in (None, "last"):
+        path = Path(str(explicit))
+        if not path.is_file():
+            raise UqloraError(f"train.ckpt_path '{path}' does not exist (a run's checkpoints/last.ckpt)")
+        return [str(path)]
+    if not resume:
+        if any(found):
+            raise UqloraError(f"run directory '{run_dir}' holds an unfinished run ({next(p for p in found if p)}); "
+                              "continue it with resume=true, or choose a new directory")
+        snapshot_config(run_dir, cfg, fresh=True)
+        return [None] * num_models
+    snap = Path(run_dir) / CONFIG_SNAPSHOT
+    if snap.is_file():
+        check_same_config(run_dir, json.loads(snap.read_text()), cfg, "resume")
+    elif any(found):
+        log.warning("resume: %s has no %s; trusting that the config is the same", run_dir, CONFIG_SNAPSHOT)
+    snapshot_config(run_dir, cfg, fresh=not any(found))
+    if not any(found):
+        log.warning("resume=true but %s holds no checkpoints/last.ckpt: starting from scratch", run_dir)
+    return [None if p is None else str(p) for p in found]
+
+
+def carry_best_adapter(ckpt_path: Path, best_path: Path) -> None:
+    """Resuming from another directory's checkpoint: bring its best adapter along (the restored
+    best-score state refers to it)."""
+    src = Path(ckpt_path).parent / best_path.name
+    if src.is_file() and src.resolve() != best_path.resolve() and not best_path.is_file():
+        best_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, best_path)
+
+
+KEEP_IN_PLACE = (".hydra", "train.log", "previous")
+
+
+def archive_run(run_dir: Path) -> Path:
+    """Move a finished run's files (results, checkpoints, predictions, plots, logs) into
+    ``previous/<time>/`` so that re-running it in the same directory (``skip_complete=false``) loses nothing."""
+    run_dir = Path(run_dir)
+    dest = run_dir / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
+    dest.mkdir(parents=True)
+    for entry in run_dir.iterdir():
+        if entry.name not in KEEP_IN_PLACE:
+            entry.replace(dest / entry.name)
+    started = run_dir / ".hydra" / "started"
+    if started.is_dir():
+        started.replace(dest / "hydra_started")
+    log.info("skip_complete=false: the previous run's files are kept in %s", dest)
+    return dest
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, UqloraError) else f"{type(exc).__name__}: {text}"
+
+
+def _label(cfg) -> str | None:
+    try:
+        from uqlora.pipeline import method_label
+
+        return method_label(cfg)
+    except Exception:
+        return cfg.method.get("name")
+
+
+def record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
+    """``results.json`` with ``status: failed`` and the error (``error.log``: the traceback). Never replaces
+    a complete result; never raises (the original error is what matters)."""
+    try:
+        if is_complete(read_results(run_dir)):
+            return
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        atomic_write(Path(run_dir) / "error.log", lambda f: f.write(tb.encode()))
+        try:
+            config = resolved(cfg)
+        except Exception:  # an unresolvable config is itself the error
+            config = OmegaConf.to_container(cfg, resolve=False)
+        atomic_json({"status": "failed", "error": one_line(exc), "error_type": type(exc).__name__,
+                     "method": cfg.method.get("name"), "method_label": _label(cfg), "model": cfg.model.get("name"), "data": cfg.data.get("name"),
+                     "seed": cfg.get("seed"), "run_dir": str(run_dir), "config": config}, Path(run_dir) / "results.json")
+    except Exception as e:  # pragma: no cover - reporting must not mask the failure
+        log.warning("could not record the failure in %s: %s", run_dir, e)
