@@ -12,7 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from uqlora.cli import FAILED_MEMBERS, guard, in_multirun, precheck  # noqa: E402
+from uqlora.cli import FAILED_MEMBERS, guard, in_multirun, note_member_error, precheck  # noqa: E402
 from uqlora.config import register_configs  # noqa: E402
 
 register_configs()
@@ -23,15 +23,15 @@ def main(cfg: DictConfig) -> float | None:
     from uqlora.pipeline import train
 
     if in_multirun():  # a failing member is recorded (results.json: status failed) and the sweep goes on
+        from uqlora.logging_utils import finish
+
         try:
             metrics, _ = train(cfg)
         except Exception as e:
-            from uqlora.logging_utils import finish
-            from uqlora.runs import one_line
-
-            finish()
-            print(f"error: sweep member failed: {one_line(e)}", file=sys.stderr, flush=True)
+            note_member_error(e)
             return float("nan")
+        finally:
+            finish()  # the next member of this process starts its own W&B run
     else:
         with guard():
             metrics, _ = train(cfg)

@@ -167,8 +167,9 @@ def _tensors(state):
 # --- sweeps -----------------------------------------------------------------------------------------------
 def test_sweep_with_a_poisoned_member_records_it_and_a_rerun_skips_finished_members(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "model=tiny_bert", "debug=fast", "trainer.max_steps=4", "data.max_test_samples=16", *QUIET,
-            "optim.lr=1e-3,1e30,2e-3", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", "model=tiny_bert", "debug=fast", "trainer.max_steps=4", "data.max_test_samples=16",
+            "logger.kind=wandb", "progress_bar=none", "print_table=false", "optim.lr=1e-3,1e30,2e-3",
+            f"hydra.sweep.dir={sweep}"]
     p = _train(*args, timeout=600)
     assert p.returncode == 1  # a member failed: the sweep says so ...
     members = sorted(d for d in sweep.iterdir() if d.is_dir())
@@ -177,7 +178,17 @@ def test_sweep_with_a_poisoned_member_records_it_and_a_rerun_skips_finished_memb
     assert "training loss is nan" in res[1]["error"] and "optim.lr" in res[1]["error"]
     assert (members[1] / "error.log").read_text().strip()
     assert f"failed: {members[1]}" in p.stderr and "2 complete, 1 failed" in p.stdout
+    for d in members:  # one W&B run per member (the members share a process): never a run reused across members
+        runs = list(d.glob("wandb/offline-run-*"))
+        assert len(runs) == 1 and runs[0].name.endswith((d / "wandb_run_id").read_text().strip())
+    assert len({(d / "wandb_run_id").read_text() for d in members}) == 3
     mtimes = [(d / "results.json").stat().st_mtime_ns for d in (members[0], members[2])]
+
+    changed = _train(*args, "trainer.max_steps=5", timeout=600)  # same folder, another config: refused, untouched
+    assert changed.returncode == 1 and changed.stderr.count("refused: ") == 2 and "max_steps" in changed.stderr
+    assert [(d / "results.json").stat().st_mtime_ns for d in (members[0], members[2])] == mtimes
+    assert "trainer.max_steps=4" in (members[0] / ".hydra" / "overrides.yaml").read_text()  # its own config kept
+    assert not list(sweep.glob("*/.refused"))
 
     p = _train(*args, timeout=600)  # the same sweep again: finished members are skipped, the failed one reruns
     assert p.returncode == 1
@@ -307,8 +318,15 @@ def test_eigh_failure_falls_back_to_jitter_with_a_warning(monkeypatch):
         lam, Q = kfac.stable_eigh(mat, "KFAC factor A of layer x")
     jitter = 1e-10 * float(mat.diagonal().mean())
     torch.testing.assert_close(calls[1], mat + jitter * torch.eye(6, dtype=torch.float64), atol=0, rtol=0)
-    torch.testing.assert_close(Q @ torch.diag(lam) @ Q.T, mat + jitter * torch.eye(6, dtype=torch.float64),
-                               atol=1e-10, rtol=0)
+    # decomposed with the jitter, returned without it: the factor's own spectrum
+    torch.testing.assert_close(Q @ torch.diag(lam) @ Q.T, mat, atol=1e-10, rtol=0)
+    batched = torch.stack([mat, 2 * mat])  # [B, C, C] (GLM predictive covariances): jitter from each diagonal
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="jitter"):
+        lam, Q = kfac.stable_eigh(batched, "GLM predictive covariance")
+    torch.testing.assert_close(calls[1] - batched, 1e-10 * float(batched.diagonal(dim1=-2, dim2=-1).mean())
+                               * torch.eye(6, dtype=torch.float64).expand(2, 6, 6), atol=1e-13, rtol=0)
+    torch.testing.assert_close(Q @ torch.diag_embed(lam) @ Q.transpose(-1, -2), batched, atol=1e-9, rtol=0)
     with pytest.raises(UqloraError, match="non-finite"):
         kfac.stable_eigh(mat * float("inf"))
 
@@ -317,17 +335,23 @@ def test_svd_failure_falls_back_to_the_gram_matrix(monkeypatch):
     from uqlora.core import kfac
 
     g = torch.Generator().manual_seed(1)
-    root = torch.randn(40, 5, generator=g, dtype=torch.float64)
-    U0, S0, _ = torch.linalg.svd(root, full_matrices=False)
+    full = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    deficient = torch.randn(40, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 10, generator=g,
+                                                                                 dtype=torch.float64)
+    expected = {k: torch.linalg.svd(m, full_matrices=False)[1] for k, m in (("full", full), ("deficient", deficient))}
 
     def broken(*a, **k):
         raise torch.linalg.LinAlgError("svd failed to converge")
 
     monkeypatch.setattr(torch.linalg, "svd", broken)
-    with pytest.warns(RuntimeWarning, match="Gram"):
-        U, S = kfac.stable_svd(root)
-    torch.testing.assert_close(S, S0, atol=1e-10, rtol=0)
-    torch.testing.assert_close((U * S) @ (U * S).T, root @ root.T, atol=1e-9, rtol=0)
+    for name, root in (("full", full), ("deficient", deficient)):
+        with pytest.warns(RuntimeWarning, match="Gram"):
+            U, S = kfac.stable_svd(root)
+        rank = 5 if name == "full" else 3  # the rank-3 root keeps 3 directions, not Gram-matrix noise
+        assert S.numel() == rank
+        torch.testing.assert_close(S, expected[name][:rank], atol=1e-9, rtol=0)
+        torch.testing.assert_close(U.T @ U, torch.eye(rank, dtype=torch.float64), atol=1e-9, rtol=0)
+        torch.testing.assert_close((U * S) @ (U * S).T, root @ root.T, atol=1e-8, rtol=0)
 
 
 def test_laplace_run_survives_a_singular_and_an_unsolvable_factor(tmp_path, monkeypatch):
@@ -489,3 +513,61 @@ def test_no_secret_reaches_a_config_a_log_or_the_run_directory(tmp_path):
         for f in d.rglob("*"):
             if f.is_file():
                 assert s.encode() not in f.read_bytes(), f
+
+
+# --- resume plumbing (no training) ------------------------------------------------------------------------
+def test_resume_points_prefer_the_directorys_own_checkpoint(tmp_path):
+    from uqlora.runs import resume_points
+
+    other = tmp_path / "other.ckpt"
+    other.write_bytes(b"x")
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    cfg = _cfg(tmp_path, "run", "model=tiny_bert", f"train.ckpt_path={other}")
+    assert resume_points(cfg, d, 1) == [str(other)]  # a fresh directory: resume from the given checkpoint
+    (d / "checkpoints" / "last.ckpt").write_bytes(b"y")  # ... then it was killed
+    with pytest.raises(UqloraError, match="holds an unfinished run"):
+        resume_points(cfg, d, 1)  # never restarted from the other run's checkpoint over its own progress
+    with open_dict(cfg):
+        cfg.resume = True
+    assert resume_points(cfg, d, 1) == [str(d / "checkpoints" / "last.ckpt")]
+    with open_dict(cfg):
+        cfg.optim.lr = 0.5
+    with pytest.raises(UqloraError, match=r"optim.lr: 0.001 -> 0.5"):
+        resume_points(cfg, d, 1)
+    with open_dict(cfg):
+        cfg.optim.lr, cfg.trainer.max_steps = 0.001, 10
+    with pytest.raises(UqloraError, match="may only grow"):
+        resume_points(cfg, d, 1)
+
+
+def test_expand_resume_rebuilds_the_command_of_a_run_and_of_a_sweep(tmp_path):
+    import yaml
+
+    from uqlora.cli import expand_resume
+
+    run = tmp_path / "run dir"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["model=tiny_bert", "train.init_seed=${seed}", "+trainer.profiler=simple", "optim.lr=1e-3"]))
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"hydra": [
+        "hydra.sweep.dir=/x", "hydra.mode=MULTIRUN", "hydra.job.chdir=false"]}}}))
+    out = expand_resume([f"resume={run}", "optim.lr=2e-3", "trainer.profiler=advanced", "--cfg", "job"])
+    assert out[:2] == ["--cfg", "job"]
+    assert "train.init_seed=${seed}" in out  # as typed, not interpolated
+    assert "optim.lr=2e-3" in out and "optim.lr=1e-3" not in out  # given now wins
+    assert "++trainer.profiler=advanced" in out and "+trainer.profiler=simple" not in out
+    assert "hydra.job.chdir=false" in out and not any(a.startswith(("hydra.mode", "hydra.sweep.dir")) for a in out)
+    assert out[-2:] == [f"hydra.run.dir='{run}'", "resume=true"]
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {
+        "task": ["method=map,swag", "seed=0,1"], "hydra": ["hydra/launcher=joblib", f"hydra.sweep.dir={sweep}",
+                                                           "hydra.mode=MULTIRUN"]}}}))
+    out = expand_resume(["-m", f"resume={sweep}"])
+    assert out == ["-m", "method=map,swag", "seed=0,1", "hydra/launcher=joblib", f"hydra.sweep.dir={sweep}",
+                   "resume=true"]
+    with pytest.raises(UqloraError, match="not a sweep directory"):
+        expand_resume(["-m", f"resume={run}"])
+    assert expand_resume(["resume=true", "x=1"]) == ["resume=true", "x=1"]

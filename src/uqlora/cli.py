@@ -111,7 +111,8 @@ def guard():
         finish()
 
 
-_FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun")
+_FLAGS_WITH_VALUE = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun",
+                     "--cfg", "-c", "--package", "-p")
 
 
 def _key(override: str) -> str:
@@ -119,7 +120,7 @@ def _key(override: str) -> str:
 
 
 def _quote(value: str) -> str:
-    return value if re.fullmatch(r"[\w/.\-~:]+", value) else "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return value if re.fullmatch(r"[\w/.\-~:]+", value) else "'" + value.replace("'", "\\'") + "'"
 
 
 def expand_resume(argv: list[str]) -> list[str]:
@@ -138,13 +139,20 @@ def expand_resume(argv: list[str]) -> list[str]:
         if not src.is_file():
             raise UqloraError(f"resume='{value}' is not a sweep directory (no multirun.yaml); with -m give the "
                               "hydra.sweep.dir of the sweep to continue")
-        saved = list(OmegaConf.load(src).hydra.overrides.task)
+        overrides = (yaml.safe_load(src.read_text()) or {}).get("hydra", {}).get("overrides", {})
     else:
         src = where / ".hydra" / "overrides.yaml"
         if not src.is_file():
             hint = " (a sweep: add -m)" if (where / "multirun.yaml").is_file() else ""
             raise UqloraError(f"resume='{value}' is not a run directory (no .hydra/overrides.yaml){hint}")
-        saved = list(OmegaConf.load(src))
+        hydra_file = where / ".hydra" / "hydra.yaml"
+        overrides = {"task": yaml.safe_load(src.read_text()) or [],
+                     "hydra": ((yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("overrides", {})
+                               .get("hydra", []) if hydra_file.is_file() else [])}
+    # the run's own overrides, as typed (no interpolation), and its launcher / sweeper / hydra.* choices
+    saved = [str(a) for a in overrides.get("task") or []]
+    saved += [str(a) for a in overrides.get("hydra") or []
+              if _key(str(a)) not in ("hydra.run.dir", "hydra.sweep.dir", "hydra.mode")]
     flags, given, i = [], [], 0
     while i < len(argv):
         a = argv[i]
@@ -156,8 +164,10 @@ def expand_resume(argv: list[str]) -> list[str]:
         elif not a.startswith("resume="):
             given.append(a)
         i += 1
+    added = {_key(a) for a in saved if a.startswith("+") and not a.startswith("++")}
+    given = [f"++{a}" if _key(a) in added and not a.startswith(("+", "~")) else a for a in given]
     mine = {_key(a) for a in given}
-    kept = [a for a in saved if _key(a) not in mine and _key(a) != "resume" and not _key(a).startswith("hydra.")]
+    kept = [a for a in saved if _key(a) not in mine and _key(a) not in ("resume", "hydra.run.dir", "hydra.sweep.dir")]
     dir_key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     out = flags + kept + given + [f"{dir_key}={_quote(str(where))}", "resume=true"]
     log.info("resume: %s", " ".join(out))
@@ -187,14 +197,36 @@ def in_multirun() -> bool:
         return False
 
 
+REFUSED = ".refused"
+
+
+def note_member_error(exc: BaseException) -> None:
+    """A sweep member's error, printed in one line; one that left no ``status: failed`` record (a refusal:
+    impossible value, unfinished or differently configured directory) leaves a ``.refused`` marker that
+    :class:`SweepReport` reports (it runs in the launching process, whatever the launcher)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from uqlora.io import atomic_write
+    from uqlora.runs import one_line, read_results
+
+    msg = one_line(exc)
+    print(f"error: sweep member failed: {msg}", file=sys.stderr, flush=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    res = read_results(run_dir)
+    if not (res is not None and res.get("status") == "failed" and res.get("error") == msg):
+        atomic_write(run_dir / REFUSED, lambda f: f.write(msg.encode()))
+
+
 def sweep_summary(sweep_dir: Path) -> dict[str, list]:
     """Members of a sweep folder by state: complete, failed (with their error), unfinished (no results)."""
     from uqlora.runs import is_complete, read_results
 
-    out: dict[str, list] = {"complete": [], "failed": [], "unfinished": []}
+    out: dict[str, list] = {"complete": [], "failed": [], "refused": [], "unfinished": []}
     for d in sorted(p.parent for p in Path(sweep_dir).glob("*/.hydra")):
         res = read_results(d)
-        if is_complete(res):
+        if (d / REFUSED).is_file():
+            out["refused"].append((d, (d / REFUSED).read_text().strip()))
+        elif is_complete(res):
             out["complete"].append(d)
         elif res is not None and res.get("status") == "failed":
             out["failed"].append((d, res.get("error", "")))
@@ -210,16 +242,21 @@ except ImportError:  # pragma: no cover
 
 
 class SweepReport(_HydraCallback):
-    """Hydra callback (conf/hydra/default.yaml): after a multirun, one line per failed or unfinished member
-    and a count; ``train.py`` then exits 1 when any member failed (every launcher: it runs in the parent)."""
+    """Hydra callback (conf/hydra/default.yaml): after a multirun, one line per failed, refused or unfinished
+    member and a count; ``train.py`` then exits 1 unless every member is complete (every launcher: this runs
+    in the launching process)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
         s = sweep_summary(sweep_dir)
         for d, err in s["failed"]:
             print(f"failed: {d}: {err}", file=sys.stderr, flush=True)
-            FAILED_MEMBERS.append(str(d))
+        for d, err in s["refused"]:
+            print(f"refused: {d}: {err}", file=sys.stderr, flush=True)
+            (d / REFUSED).unlink(missing_ok=True)  # reported once; the directory is as it was
         for d in s["unfinished"]:
             print(f"unfinished (no results.json): {d}", file=sys.stderr, flush=True)
+        FAILED_MEMBERS.extend(str(x[0] if isinstance(x, tuple) else x)
+                              for k in ("failed", "refused", "unfinished") for x in s[k])
         print(f"sweep {sweep_dir}: {len(s['complete'])} complete, {len(s['failed'])} failed, "
-              f"{len(s['unfinished'])} unfinished", flush=True)
+              f"{len(s['refused'])} refused, {len(s['unfinished'])} unfinished", flush=True)

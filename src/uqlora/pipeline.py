@@ -38,7 +38,7 @@ from uqlora.data.prompts import answer_words
 from uqlora.errors import UqloraError
 from uqlora.io import atomic_json, atomic_npz, atomic_torch_save
 from uqlora.runs import archive_run, carry_best_adapter as _carry_best_adapter
-from uqlora.runs import check_same_config, read_results, record_failure, resume_points
+from uqlora.runs import check_same_config, read_results, record_failure, restore_hydra_files, resume_points
 from uqlora.validate import validate_config
 from uqlora.logging_utils import build_logger, log_image, log_results_table, log_summary, log_table
 from uqlora.methods import get_method
@@ -513,12 +513,15 @@ def train(cfg: DictConfig):
     A run that fails writes ``results.json`` with ``status: failed`` and the error before re-raising."""
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    validate_config(cfg)  # before the directory is touched: an impossible value changes nothing
     previous = read_results(run_dir)
     if previous is not None and previous.get("status", "complete") == "complete":
         if cfg.get("skip_complete", True):
             return _skip_complete(cfg, run_dir, previous)
         archive_run(run_dir)
-    M = int(cfg.method.get("num_models", 1)) if isinstance(cfg.method.get("num_models", 1), int) else 1
+    elif previous is not None and not cfg.get("skip_complete", True) and not cfg.get("resume", False):
+        archive_run(run_dir)  # a failed run re-run from scratch (resume=true would continue its checkpoint)
+    M = int(cfg.method.get("num_models", 1))
     if M > 1 and cfg.train.get("ckpt_path") not in (None, "last"):
         raise UqloraError("train.ckpt_path resumes a single model; resume ensemble members one run at a time")
     resume_from = resume_points(cfg, run_dir, max(M, 1))  # refusals here leave the directory as it was
@@ -533,6 +536,7 @@ def _skip_complete(cfg: DictConfig, run_dir: Path, previous: dict):
     """A run directory that already holds complete results (a re-run sweep member): report them, do nothing."""
     check_same_config(run_dir, previous.get("config") or {}, cfg, "skip (skip_complete=true)")
     log.info("skipping %s: it already holds a complete results.json (skip_complete=false re-runs it)", run_dir)
+    restore_hydra_files(run_dir)  # Hydra rewrote .hydra/ for this invocation; the directory keeps its own
     print(f"skipped (complete results): {run_dir}", flush=True)
     if cfg.get("print_table", True):
         print_table(previous, run_dir)
@@ -541,7 +545,6 @@ def _skip_complete(cfg: DictConfig, run_dir: Path, previous: dict):
 
 def _train(cfg: DictConfig, run_dir: Path, resume_from: list[str | None]):
     t_start = time.perf_counter()
-    validate_config(cfg)
     M = int(cfg.method.get("num_models", 1))
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

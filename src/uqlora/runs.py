@@ -25,11 +25,18 @@ from uqlora.io import atomic_json, atomic_write
 
 log = logging.getLogger(__name__)
 CONFIG_SNAPSHOT = "run_config.json"
-# keys that may differ between a run and its resumption / re-run without changing what it computes (or that
-# only extend it: a longer schedule); anything else must match
-VOLATILE = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger",
-            "train.ckpt_path", "trainer.max_epochs", "trainer.max_steps", "trainer.devices", "trainer.accelerator",
-            "trainer.strategy", "trainer.num_nodes", "data.num_workers", "data.data_dir", "optimized_metric")
+# keys that may differ without changing what a run computes: presentation / location only (skip_complete
+# compares with these) ...
+PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger",
+                "data.num_workers", "data.data_dir", "optimized_metric")
+# ... and, for resuming, a longer schedule (extending a run is what resume is often for)
+RESUMABLE = PRESENTATION + ("train.ckpt_path", "trainer.max_epochs", "trainer.max_steps")
+
+
+def _rank0() -> bool:
+    from uqlora.distributed import is_global_zero
+
+    return is_global_zero()
 
 
 def read_results(run_dir: Path) -> dict | None:
@@ -58,12 +65,12 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def config_diff(old: dict, new: dict) -> list[str]:
-    """``key: old -> new`` for every differing non-volatile key of two resolved configs."""
+def config_diff(old: dict, new: dict, allowed: tuple[str, ...] = PRESENTATION) -> list[str]:
+    """``key: old -> new`` for every differing key of two resolved configs outside ``allowed``."""
     a, b = _flat(old), _flat(new)
 
     def volatile(k):
-        return any(k == v or k.startswith(v + ".") for v in VOLATILE)
+        return any(k == v or k.startswith(v + ".") for v in allowed)
 
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if not volatile(k) and a.get(k, "<absent>") != b.get(k, "<absent>")]
@@ -73,10 +80,16 @@ def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def check_same_config(run_dir: Path, old: dict, cfg: DictConfig, action: str) -> None:
-    diff = config_diff(old, resolved(cfg))
+def check_same_config(run_dir: Path, old: dict, cfg: DictConfig, action: str,
+                      allowed: tuple[str, ...] = PRESENTATION) -> None:
+    diff = config_diff(old, resolved(cfg), allowed)
+    if allowed is RESUMABLE:  # a schedule may grow, never shrink
+        for key in ("max_epochs", "max_steps"):
+            was, now = (old.get("trainer") or {}).get(key), cfg.trainer.get(key)
+            if isinstance(was, int) and isinstance(now, int) and was > 0 and 0 < now < was:
+                diff.append(f"trainer.{key}: {was!r} -> {now!r} (a resumed schedule may only grow)")
     if diff:
-        _restore_hydra_files(run_dir)
+        restore_hydra_files(run_dir)
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise UqloraError(f"cannot {action} '{run_dir}': it was run with another config ({'; '.join(diff[:3])}{more}); "
                           "use a new directory (hydra.run.dir / hydra.sweep.dir)")
@@ -86,6 +99,8 @@ def snapshot_config(run_dir: Path, cfg: DictConfig, fresh: bool) -> None:
     """Write ``run_config.json`` (and keep Hydra's ``.hydra/*.yaml`` in ``.hydra/started/``) when a run starts
     from scratch; kept as they are when it resumes."""
     path = Path(run_dir) / CONFIG_SNAPSHOT
+    if not _rank0():
+        return
     if fresh or not path.is_file():
         atomic_json(resolved(cfg), path)
         hydra_dir = Path(run_dir) / ".hydra"
@@ -94,9 +109,11 @@ def snapshot_config(run_dir: Path, cfg: DictConfig, fresh: bool) -> None:
             shutil.copyfile(f, hydra_dir / "started" / f.name)
 
 
-def _restore_hydra_files(run_dir: Path) -> None:
-    """Hydra rewrote ``.hydra/*.yaml`` for a command that is refused: put the run's own back."""
+def restore_hydra_files(run_dir: Path) -> None:
+    """Hydra rewrote ``.hydra/*.yaml`` for a command that is refused or skipped: put the run's own back."""
     started = Path(run_dir) / ".hydra" / "started"
+    if not _rank0():
+        return
     for f in started.glob("*.yaml"):
         shutil.copyfile(f, started.parent / f.name)
 
@@ -114,10 +131,14 @@ def resume_points(cfg: DictConfig, run_dir: Path, num_models: int) -> list[str |
     explicit = cfg.train.get("ckpt_path")
     resume = bool(cfg.get("resume", False)) or explicit == "last"
     found = last_checkpoints(run_dir, num_models)
-    if explicit not in (None, "last"):
+    if explicit not in (None, "last") and not (resume and any(found)):  # this directory's own progress wins
         path = Path(str(explicit))
         if not path.is_file():
             raise UqloraError(f"train.ckpt_path '{path}' does not exist (a run's checkpoints/last.ckpt)")
+        if any(found):
+            raise UqloraError(f"run directory '{run_dir}' holds an unfinished run ({next(p for p in found if p)}); "
+                              "continue it with resume=true, or choose a new directory for train.ckpt_path")
+        snapshot_config(run_dir, cfg, fresh=True)
         return [str(path)]
     if not resume:
         if any(found):
@@ -127,7 +148,7 @@ def resume_points(cfg: DictConfig, run_dir: Path, num_models: int) -> list[str |
         return [None] * num_models
     snap = Path(run_dir) / CONFIG_SNAPSHOT
     if snap.is_file():
-        check_same_config(run_dir, json.loads(snap.read_text()), cfg, "resume")
+        check_same_config(run_dir, json.loads(snap.read_text()), cfg, "resume", RESUMABLE)
     elif any(found):
         log.warning("resume: %s has no %s; trusting that the config is the same", run_dir, CONFIG_SNAPSHOT)
     snapshot_config(run_dir, cfg, fresh=not any(found))
@@ -140,18 +161,20 @@ def carry_best_adapter(ckpt_path: Path, best_path: Path) -> None:
     """Resuming from another directory's checkpoint: bring its best adapter along (the restored
     best-score state refers to it)."""
     src = Path(ckpt_path).parent / best_path.name
-    if src.is_file() and src.resolve() != best_path.resolve() and not best_path.is_file():
+    if _rank0() and src.is_file() and src.resolve() != best_path.resolve() and not best_path.is_file():
         best_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, best_path)
 
 
-KEEP_IN_PLACE = (".hydra", "train.log", "previous")
+KEEP_IN_PLACE = (".hydra", "train.log", "previous", ".refused")
 
 
 def archive_run(run_dir: Path) -> Path:
-    """Move a finished run's files (results, checkpoints, predictions, plots, logs) into
+    """Move a finished (or failed) run's files (results, checkpoints, predictions, plots, logs) into
     ``previous/<time>/`` so that re-running it in the same directory (``skip_complete=false``) loses nothing."""
     run_dir = Path(run_dir)
+    if not _rank0():
+        return run_dir / "previous"
     dest = run_dir / "previous" / f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
     dest.mkdir(parents=True)
     for entry in run_dir.iterdir():

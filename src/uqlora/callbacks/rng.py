@@ -35,5 +35,6 @@ class RNGStateCheckpoint(pl.Callback):
         random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python"]), state["python_gauss"]))
         n = state["numpy"]
         np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if "cuda" in state and torch.cuda.is_available():  # as many devices as both runs see
+            for i, st in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(st, i)

@@ -125,8 +125,10 @@ class SWAGCallback(pl.Callback):
         alone saves them. Checked here against rank 0's copy (one broadcast of the mean)."""
         ref = trainer.strategy.broadcast((self.swag.n, self.swag.mean.detach().cpu()), src=0)
         n0, mean0 = ref
-        if n0 != self.swag.n or (self.swag.n and not torch.allclose(mean0, self.swag.mean.detach().cpu(),
-                                                                    rtol=1e-5, atol=1e-7)):
+        bad = n0 != self.swag.n or (self.swag.n and not torch.allclose(mean0, self.swag.mean.detach().cpu(),
+                                                                       rtol=1e-5, atol=1e-7))
+        # every rank learns whether any rank disagrees, so all raise together (no rank left in a barrier)
+        if bool(trainer.strategy.reduce_boolean_decision(bool(bad), all=False)):
             raise UqloraError(f"SWAG moments differ across processes (rank {trainer.global_rank}: {self.swag.n} "
                               f"snapshots, rank 0: {n0}): the strategy does not keep the parameters replicated "
                               "(SWAG needs DDP, not a sharded strategy)")

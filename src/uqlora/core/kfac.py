@@ -58,24 +58,24 @@ def stable_eigh(mat: torch.Tensor, what: str = "KFAC factor") -> tuple[torch.Ten
     decomposition retried, with a warning naming the jitter. A singular factor needs no jitter (its zero
     eigenvalues are fine: the prior precision keeps the posterior proper)."""
     if not torch.isfinite(mat).all():
-        raise UqloraError(f"{what} has non-finite entries (the fit data's gradients overflowed): "
-                          "check the MAP model's loss, or fit in fp32")
+        raise UqloraError(f"{what} has non-finite entries (NaN/inf curvature or variance): check the MAP model's "
+                          "loss, or fit in fp32")
     try:
         return torch.linalg.eigh(mat)
     except torch.linalg.LinAlgError:
         pass
     eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
-    scale = float(mat.diagonal().abs().mean().clamp_min(torch.finfo(mat.dtype).tiny))
+    scale = float(mat.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(mat.dtype).tiny))
     for rel in JITTERS:
         try:
             lam, Q = torch.linalg.eigh(mat + rel * scale * eye)
         except torch.linalg.LinAlgError:
             continue
         msg = (f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) is ill-conditioned: eigh did not converge; "
-               f"added jitter {rel * scale:.3g} * I (relative {rel:g})")
+               f"decomposed it with jitter {rel * scale:.3g} * I (relative {rel:g}) added, then removed")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
-        return lam, Q
+        return lam - rel * scale, Q  # eigh(M + jI) = Q (lam + j) Q^T: the same eigenvectors, M's own spectrum
     raise UqloraError(f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) could not be decomposed even with relative "
                       f"jitter {JITTERS[-1]:g}")
 
@@ -84,18 +84,18 @@ def stable_svd(mat: torch.Tensor, what: str = "KFAC low-rank factor") -> tuple[t
     """``(U, S)`` of the thin SVD of ``mat`` [d, m]; when the SVD does not converge, from the (jittered, see
     :func:`stable_eigh`) eigendecomposition of the small Gram matrix ``mat^T mat`` instead."""
     if not torch.isfinite(mat).all():
-        raise UqloraError(f"{what} has non-finite entries (the fit data's gradients overflowed): "
-                          "check the MAP model's loss, or fit in fp32")
+        raise UqloraError(f"{what} has non-finite entries (NaN/inf curvature): check the MAP model's loss, or fit in fp32")
     try:
         U, S, _ = torch.linalg.svd(mat, full_matrices=False)
         return U, S
     except torch.linalg.LinAlgError:
         pass
-    lam, V = stable_eigh(mat.T @ mat, what)
-    lam, V = lam.flip(0).clamp(min=0.0), V.flip(1)
-    S = lam.sqrt()
-    keep = S > S.max() * 1e-12 if S.numel() else S > 0
-    U = (mat @ V[:, keep]) / S[keep]
+    _, V = stable_eigh(mat.T @ mat, what)
+    W = mat @ V.flip(1)                       # = U S with S the column norms (exact for any orthonormal V)
+    S = W.norm(dim=0)
+    # the Gram matrix squares the condition number: directions below sqrt(eps) of the largest are noise
+    keep = S > S.max() * torch.finfo(mat.dtype).eps ** 0.5 if S.numel() else S > 0
+    U = W[:, keep] / S[keep]
     msg = f"{what}: the SVD did not converge; used the eigendecomposition of its Gram matrix"
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
     log.warning(msg)
