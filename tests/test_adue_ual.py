@@ -233,7 +233,7 @@ def test_adue_run_reuses_map_run_keeps_predictions_and_eval_reuses_head(tmp_path
 @pytest.mark.parametrize("bad,match", [
     ("method.fit_split=test", "never test"),
     ("method.select_split=train", "both 'train'"),
-    ("method.lam=0", "lam must be > 0"),
+    ("method.lam=0", "method.lam=0.0 is impossible; valid: a finite number > 0"),
 ])
 def test_bad_adue_options_fail_with_one_line(tmp_path, bad, match):
     with pytest.raises(UqloraError, match=match):
