@@ -18,6 +18,7 @@ import torch
 from omegaconf import open_dict
 
 from conftest import ROOT, compose
+from test_cli import error_line
 from uqlora.errors import UqloraError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -420,12 +421,6 @@ BAD = [
 ]
 
 
-def _error_line(p) -> str:
-    lines = [ln for ln in p.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, p.stderr[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("args,bad,valid", BAD, ids=[b[1] for b in BAD])
 def test_impossible_values_are_named_with_their_valid_range(args, bad, valid):
     from uqlora.validate import validate_config
@@ -441,7 +436,7 @@ def test_impossible_values_fail_in_one_line_within_seconds(tmp_path, args, bad, 
     t0 = time.time()
     p = _train("model=tiny_bert", *QUIET, *args, f"hydra.run.dir={tmp_path}/r", timeout=120)
     assert p.returncode == 1
-    line = _error_line(p)
+    line = error_line(p)
     assert bad in line and valid in line, line
     assert "Traceback" not in p.stderr and time.time() - t0 < 60
     assert not (tmp_path / "r" / "checkpoints").exists()  # nothing was loaded or trained
@@ -460,7 +455,7 @@ def test_bad_data_fails_in_one_line(tmp_path, case):
     p = _train("model=tiny_bert", "data=custom_classification", *QUIET, f"data.options.files.train={tr}",
                f"data.options.files.test={te}", "data.options.num_classes=2", f"hydra.run.dir={tmp_path}/r")
     assert p.returncode == 1
-    line = _error_line(p)
+    line = error_line(p)
     if case == "labels_outside_classes":
         assert "label 3" in line and "0..1" in line, line
     else:
@@ -475,15 +470,15 @@ def test_checkpoint_of_another_model_fails_in_one_line(tmp_path):
     p = _train("model=tiny_bert", "model.lora.r=4", "debug=fast", *QUIET, f"train.ckpt_path={src}/checkpoints/last.ckpt",
                f"hydra.run.dir={tmp_path}/r")
     assert p.returncode == 1
-    line = _error_line(p)
+    line = error_line(p)
     assert "checkpoint does not match this model" in line and "lora" in line
     p = _train("model=tiny_bert", "debug=fast", *QUIET, f"train.ckpt_path={tmp_path}/nope.ckpt", f"hydra.run.dir={tmp_path}/r2")
-    assert p.returncode == 1 and "nope.ckpt" in _error_line(p)
+    assert p.returncode == 1 and "nope.ckpt" in error_line(p)
 
 
 def test_resume_of_a_directory_that_is_not_a_run_fails_in_one_line(tmp_path):
     p = _train(f"resume={tmp_path}")
-    assert p.returncode == 2 and "not a run directory" in _error_line(p)
+    assert p.returncode == 2 and "not a run directory" in error_line(p)
 
 
 # --- safe loading and secrets -----------------------------------------------------------------------------

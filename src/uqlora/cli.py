@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
 
 from uqlora.errors import UqloraError
 

@@ -19,7 +19,6 @@ Both are plain functions returning ``(metrics, objects)`` so tests and notebooks
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import subprocess
 import time
