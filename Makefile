@@ -69,8 +69,8 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	touch $@
 
 bench-laplace: bench-install
-	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 15
-	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 6
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 15 --seeds 0 1 2 --test 1000
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 6 --seeds 0 1 2 --test 1000
 
 bench-swag: install
 	$(OFFLINE) $(PY) benchmarks/swag_overhead.py

@@ -85,38 +85,31 @@ def ours_predict(method, loader):
     return torch.cat(probs).numpy(), time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="minilm")
-    ap.add_argument("--data", default="sst2")
-    ap.add_argument("--train", type=int, default=1000)
-    ap.add_argument("--test", type=int, default=500)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--peer", choices=("auto", "off"), default="auto")
-    ap.add_argument("--peer-chunk", type=int, default=1, help="laplace-torch predictive chunk (its B^2 Jacobian)")
-    ap.add_argument("--lowrank-threshold", type=int, default=None, help="method.lowrank_threshold (default: config)")
-    ap.add_argument("--n-kfac", type=int, default=None, help="method.n_kfac (default: config)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    torch.manual_seed(0)
+CELLS = [(k, m) for k in ("prior1", "marglik") for m in ("ece", "nll")]
+VARIANTS = ("ours_reduce", "ours_expand", "laplace_torch")
+
+
+def run_seed(args, seed: int) -> dict:
+    """One MAP model (LoRA init, data subsets and order from ``seed``) and every posterior fitted on it."""
+    torch.manual_seed(seed)
     cfg = compose([f"model={args.model}", f"data={args.data}", "method=laplace", "logger=none", "progress_bar=none",
-                   f"data.max_train_samples={args.train}", f"data.max_test_samples={args.test}",
+                   f"seed={seed}", f"data.max_train_samples={args.train}", f"data.max_test_samples={args.test}",
                    *([f"method.lowrank_threshold={args.lowrank_threshold}"] if args.lowrank_threshold else []),
                    *([f"method.n_kfac={args.n_kfac}"] if args.n_kfac else [])])
     method, dm = setup(cfg)
     bb = method.backbone
     P = sum(p.numel() for p in bb.parameters() if p.requires_grad)
     C = bb.num_classes
-    print(f"{args.model} + LoRA on {args.data}: {len(dm.records['train'])} train / {len(dm.records['test'])} test, "
-          f"{P} LoRA+head params, C={C}, torch threads {torch.get_num_threads()}", flush=True)
+    print(f"seed {seed}: {args.model} + LoRA on {args.data}: {len(dm.records['train'])} train / "
+          f"{len(dm.records['test'])} test, {P} LoRA+head params, C={C}, torch threads {torch.get_num_threads()}",
+          flush=True)
     epoch_s = train_map(method, dm, args.epochs, args.lr, float(cfg.optim.weight_decay))
     epoch = float(np.median(epoch_s))
     test = dm.loader("test")
     train = dm.loader("train")
     map_forward(bb, test)  # warm-up
     p_map, y, fwd = map_forward(bb, test)
-    out = {"setup": {"model": args.model, "data": args.data, "train": len(dm.records["train"]),
+    out = {"setup": {"model": args.model, "data": args.data, "seed": seed, "train": len(dm.records["train"]),
                      "test": len(dm.records["test"]), "epochs": args.epochs, "params": P, "classes": C},
            "map": {"epoch_s": round(epoch, 3), "forward_test_s": round(fwd, 3), **_quality(p_map, y)}}
 
@@ -138,6 +131,7 @@ def main() -> None:
             "predict_s": round(pred, 3), "predict_x_forward": round(pred / fwd, 3),
             "memory_x_params": round(post.memory_floats() / P, 3),
             "prior1": _quality(q, y), "marglik": {"prior": round(float(post.prior_precision[0]), 4),
+                                                  "log_evidence": round(float(post.log_marginal_likelihood()), 2),
                                                   **_quality(p_ml, y)}}
         if approx == "expand":
             p1 = q  # the peer's default is KFAC-expand: compare predictives on equal terms
@@ -156,28 +150,106 @@ def main() -> None:
                 "predict_s": round(peer_pred, 3), "predict_x_forward": round(peer_pred / fwd, 3),
                 "memory_x_params": round(peer_memory_floats(la) / P, 3), "prior1": _quality(q1, y),
                 "marglik": {"prior": round(float(torch.as_tensor(la_ml.prior_precision).flatten()[0]), 4),
+                            "log_evidence": round(float(la_ml.log_marginal_likelihood()), 2),
                             **_quality(q_ml, y)},
                 "agreement_prior1": {"max_abs": round(float(np.abs(q1 - p1).max()), 4),
                                      "mean_abs": round(float(np.abs(q1 - p1).mean()), 5),
                                      "argmax_agree": round(float((q1.argmax(1) == p1.argmax(1)).mean()), 4)}}
         except ImportError as e:
             print(f"laplace-torch side skipped: {e}")
-    print(json.dumps(out, indent=1))
+    return out
+
+
+def print_table(out: dict, title: str) -> None:
     rows = [("", "ours reduce", "ours expand", "laplace-torch")]
     lt, ours = out.get("laplace_torch", {}), [out["ours_reduce"], out["ours_expand"]]
     for key, label in (("fit_x_epoch", "fit / MAP epoch"), ("predict_x_forward", "GLM probit predictive / MAP forward"),
                        ("memory_x_params", "posterior floats / LoRA params")):
         rows.append((label, *[f"{o[key]:.2f}x" for o in ours], f"{lt[key]:.2f}x" if key in lt else "-"))
-    for key in ("prior1", "marglik"):
-        for m in ("ece", "nll"):
-            rows.append((f"test {m.upper()} ({key})", *[f"{o[key][m]:.4f}" for o in ours],
-                         f"{lt[key][m]:.4f}" if key in lt else "-"))
-    print(f"\nMAP: test ACC {out['map']['acc']:.4f} ECE {out['map']['ece']:.4f} NLL {out['map']['nll']:.4f}; "
-          f"epoch {epoch:.1f} s, forward over test {fwd:.1f} s")
+    for key, m in CELLS:
+        rows.append((f"test {m.upper()} ({key})", *[f"{o[key][m]:.4f}" for o in ours],
+                     f"{lt[key][m]:.4f}" if key in lt else "-"))
+    print(f"\n{title}: MAP test ACC {out['map']['acc']:.4f} ECE {out['map']['ece']:.4f} NLL {out['map']['nll']:.4f}; "
+          f"epoch {out['map']['epoch_s']:.1f} s, forward over test {out['map']['forward_test_s']:.1f} s")
     for r in rows:
         print(f"{r[0]:<40} {r[1]:>12} {r[2]:>12} {r[3]:>14}")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and sample std over seeds of every cost ratio and quality cell, and per cell the paired
+    difference ours - laplace-torch (negative = ours better) with the number of seeds ours is at least as good."""
+    def stats(vals):
+        v = np.asarray(vals, dtype=float)
+        return {"mean": round(float(v.mean()), 4), "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 4)}
+
+    summ = {"seeds": [r["setup"]["seed"] for r in runs], "map": {m: stats([r["map"][m] for r in runs])
+                                                                for m in ("acc", "ece", "nll")}}
+    for v in VARIANTS:
+        if not all(v in r for r in runs):
+            continue
+        summ[v] = {key: stats([r[v][key] for r in runs]) for key in ("fit_x_epoch", "predict_x_forward",
+                                                                      "memory_x_params")}
+        for key, m in CELLS:
+            summ[v][f"{key}_{m}"] = stats([r[v][key][m] for r in runs])
+        summ[v]["marglik_prior"] = stats([r[v]["marglik"]["prior"] for r in runs])
+        if v != "laplace_torch" and all("laplace_torch" in r for r in runs):
+            for key, m in CELLS:
+                d = [r[v][key][m] - r["laplace_torch"][key][m] for r in runs]
+                summ[v][f"{key}_{m}_minus_peer"] = {**stats(d), "ours_at_least_as_good": int(sum(x <= 0 for x in d))}
+    return summ
+
+
+def print_summary(summ: dict) -> None:
+    n = len(summ["seeds"])
+    print(f"\nMean +- sample std over {n} seeds {summ['seeds']} (each: its own MAP model, data subsets and order):")
+    print(f"MAP test ACC {summ['map']['acc']['mean']:.4f} ECE {summ['map']['ece']['mean']:.4f} "
+          f"NLL {summ['map']['nll']['mean']:.4f}")
+    present = [v for v in VARIANTS if v in summ]
+    print(f"{'':<40}" + "".join(f"{v.replace('_', ' '):>22}" for v in present))
+    for key in ("fit_x_epoch", "predict_x_forward", "memory_x_params"):
+        print(f"{key:<40}" + "".join(f"{summ[v][key]['mean']:>15.2f}x +- {summ[v][key]['std']:.2f}" for v in present))
+    for key, m in CELLS:
+        print(f"{'test ' + m.upper() + ' (' + key + ')':<40}" + "".join(
+            f"{summ[v][f'{key}_{m}']['mean']:>14.4f} +- {summ[v][f'{key}_{m}']['std']:.4f}" for v in present))
+    print(f"{'marglik prior precision':<40}" + "".join(
+        f"{summ[v]['marglik_prior']['mean']:>14.2f} +- {summ[v]['marglik_prior']['std']:.2f}" for v in present))
+    if "laplace_torch" in summ:
+        print("\nours - laplace-torch, paired by seed (negative = ours better; [seeds where ours is at least as good]):")
+        for v in present[:-1]:
+            cells = [summ[v][f"{key}_{m}_minus_peer"] for key, m in CELLS]
+            print(f"{v:<14}" + "  ".join(f"{m.upper()} {key}: {c['mean']:+.4f} +- {c['std']:.4f} "
+                                        f"[{c['ours_at_least_as_good']}/{n}]" for (key, m), c in zip(CELLS, cells)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--data", default="sst2")
+    ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--test", type=int, default=500)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one MAP model per seed (LoRA init, subsets, data order); >1 adds a mean/paired summary")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--peer", choices=("auto", "off"), default="auto")
+    ap.add_argument("--peer-chunk", type=int, default=1, help="laplace-torch predictive chunk (its B^2 Jacobian)")
+    ap.add_argument("--lowrank-threshold", type=int, default=None, help="method.lowrank_threshold (default: config)")
+    ap.add_argument("--n-kfac", type=int, default=None, help="method.n_kfac (default: config)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    runs = []
+    for seed in args.seeds:
+        runs.append(run_seed(args, seed))
+        print(json.dumps(runs[-1], indent=1))
+        print_table(runs[-1], f"seed {seed}")
+        if args.out:  # written after every seed, so a long run keeps what it measured
+            Path(args.out).write_text(json.dumps({"runs": runs}, indent=1))
+    result = {"runs": runs}
+    if len(runs) > 1:
+        result["summary"] = summarize(runs)
+        print_summary(result["summary"])
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

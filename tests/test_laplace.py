@@ -452,3 +452,32 @@ def test_real_model_laplace_run_and_eval_reuses_posterior(tmp_path, model, data,
     again, _ = _eval(tmp_path, run)
     for k in ("acc", "nll", "ece"):
         assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-5)
+
+
+def test_benchmark_summary_pairs_seeds_with_the_peer():
+    """benchmarks/laplace_cost.py's multi-seed summary: mean, sample std and the paired ours - peer difference
+    per quality cell, with the count of seeds where ours is at least as good (known answers)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "laplace_cost.py"
+    spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def run(seed, ours_ece, peer_ece, nll):
+        q = lambda ece, n: {"acc": 0.8, "ece": ece, "nll": n}  # noqa: E731
+        cost = {"fit_x_epoch": 1.0 + seed, "predict_x_forward": 3.0, "memory_x_params": 49.0}
+        side = lambda ece: {**cost, "prior1": q(ece, nll), "marglik": {"prior": 10.0 + seed, **q(ece, nll)}}  # noqa: E731
+        return {"setup": {"seed": seed}, "map": q(0.1, 0.6), "ours_reduce": side(ours_ece),
+                "ours_expand": side(ours_ece + 0.05), "laplace_torch": side(peer_ece)}
+
+    summ = bench.summarize([run(0, 0.02, 0.03, 0.40), run(1, 0.05, 0.04, 0.44)])
+    assert summ["seeds"] == [0, 1]
+    assert summ["ours_reduce"]["fit_x_epoch"] == {"mean": 1.5, "std": round(2 ** -0.5, 4)}
+    d = summ["ours_reduce"]["prior1_ece_minus_peer"]
+    assert d["mean"] == 0.0 and d["std"] == round(0.02 * 2 ** -0.5, 4) and d["ours_at_least_as_good"] == 1
+    assert summ["ours_reduce"]["marglik_nll_minus_peer"]["ours_at_least_as_good"] == 2   # equal counts as good
+    assert summ["ours_expand"]["marglik_ece_minus_peer"]["ours_at_least_as_good"] == 0
+    assert summ["laplace_torch"]["marglik_prior"]["mean"] == 10.5
+    assert "prior1_ece_minus_peer" not in summ["laplace_torch"]
