@@ -6,13 +6,16 @@ side by side with the laplace-torch library (KronLaplace) on the same MAP model 
 * GLM probit predictive time over the test set relative to one MAP forward pass over it (target <= C + 2);
 * posterior memory relative to the number of LoRA (+ head) parameters;
 * test ACC / ECE / NLL of MAP, of the Laplace predictive with prior precision 1 and tuned by the evidence,
-  for our KFAC-reduce (default) and KFAC-expand (the peer's) factors, and the agreement of the two
-  libraries' predictives (same MAP weights, KFAC-expand both, same prior precision).
+  for our KFAC-expand (the default, also the peer's) and KFAC-reduce factors, and the agreement of the two
+  libraries' predictives (same MAP weights, KFAC-expand both, same prior precision);
+* per quality cell, ours - laplace-torch on the same test sentences (paired): the difference and its
+  test-set standard error (NLL: of the per-sentence differences; ECE: 200 paired bootstrap resamples).
 
     python benchmarks/laplace_cost.py [--epochs 15] [--seeds 0 1 2] [--train 1000] [--test 500] [--out results.json]
 
 With several seeds (one MAP model each) it also prints mean +- std over seeds and, per quality cell, the paired
-difference ours - laplace-torch with the number of seeds on which ours is at least as good.
+difference ours - laplace-torch: its mean, a 95% t-interval over the seeds, the number of seeds on which ours
+is at least as good, and a verdict (better / worse: the interval excludes 0; tie: it contains 0).
 
 laplace-torch is not a dependency: ``make bench-laplace`` installs it into a separate venv (.venv-bench)
 and runs this script there; without it only our numbers are printed.
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 from conftest import compose  # noqa: E402
 from uqlora.core.kfac import fit_kfac  # noqa: E402
 from uqlora.core.laplace import KronPosterior  # noqa: E402
+from uqlora.metrics import ece as ece_metric  # noqa: E402
 from uqlora.metrics import evaluate_predictions  # noqa: E402
 from uqlora.pipeline import setup  # noqa: E402
 
@@ -89,7 +93,23 @@ def ours_predict(method, loader):
 
 
 CELLS = [(k, m) for k in ("prior1", "marglik") for m in ("ece", "nll")]
-VARIANTS = ("ours_reduce", "ours_expand", "laplace_torch")
+VARIANTS = ("ours_expand", "ours_reduce", "laplace_torch")
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired(p_ours: np.ndarray, p_peer: np.ndarray, y: np.ndarray, n_boot: int = 200, seed: int = 0) -> dict:
+    """Ours - peer on the same test sentences: NLL difference with the standard error of the per-sentence
+    differences, ECE difference (points of %) with a paired bootstrap standard error."""
+    idx = np.arange(len(y))
+    d = -np.log(np.clip(p_ours[idx, y], 1e-12, None)) + np.log(np.clip(p_peer[idx, y], 1e-12, None))
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        boots.append(ece_metric(p_ours[i], y[i]) - ece_metric(p_peer[i], y[i]))
+    return {"nll": round(float(d.mean()), 5), "nll_se": round(float(d.std(ddof=1) / np.sqrt(len(y))), 5),
+            "ece": round(100 * (ece_metric(p_ours, y) - ece_metric(p_peer, y)), 3),
+            "ece_se": round(100 * float(np.std(boots, ddof=1)), 3)}
 
 
 def run_seed(args, seed: int) -> dict:
@@ -117,7 +137,8 @@ def run_seed(args, seed: int) -> dict:
            "map": {"epoch_s": round(epoch, 3), "forward_test_s": round(fwd, 3), **_quality(p_map, y)}}
 
     default_approx = str(cfg.method.kfac_approx)
-    for approx in ("reduce", "expand"):  # KFAC-reduce (our default) and KFAC-expand (laplace-torch's)
+    probs = {}
+    for approx in ("expand", "reduce"):  # KFAC-expand (our default, also laplace-torch's) and KFAC-reduce
         t0 = time.perf_counter()
         res = fit_kfac(bb, train, method.layers, lowrank_threshold=int(cfg.method.lowrank_threshold),
                        n_kfac=int(cfg.method.n_kfac), progress=False, approx=approx)
@@ -136,6 +157,7 @@ def run_seed(args, seed: int) -> dict:
             "prior1": _quality(q, y), "marglik": {"prior": round(float(post.prior_precision[0]), 4),
                                                   "log_evidence": round(float(post.log_marginal_likelihood()), 2),
                                                   **_quality(p_ml, y)}}
+        probs[f"ours_{approx}"] = {"prior1": q, "marglik": p_ml}
         if approx == "expand":
             p1 = q  # the peer's default is KFAC-expand: compare predictives on equal terms
     out["ours"] = out[f"ours_{default_approx}"]
@@ -158,14 +180,17 @@ def run_seed(args, seed: int) -> dict:
                 "agreement_prior1": {"max_abs": round(float(np.abs(q1 - p1).max()), 4),
                                      "mean_abs": round(float(np.abs(q1 - p1).mean()), 5),
                                      "argmax_agree": round(float((q1.argmax(1) == p1.argmax(1)).mean()), 4)}}
+            for v, pv in probs.items():  # paired on the same test sentences, with test-set standard errors
+                out[v]["minus_peer"] = {key: paired(pv[key], {"prior1": q1, "marglik": q_ml}[key], y)
+                                        for key in ("prior1", "marglik")}
         except ImportError as e:
             print(f"laplace-torch side skipped: {e}")
     return out
 
 
 def print_table(out: dict, title: str) -> None:
-    rows = [("", "ours reduce", "ours expand", "laplace-torch")]
-    lt, ours = out.get("laplace_torch", {}), [out["ours_reduce"], out["ours_expand"]]
+    rows = [("", "ours expand", "ours reduce", "laplace-torch")]
+    lt, ours = out.get("laplace_torch", {}), [out["ours_expand"], out["ours_reduce"]]
     for key, label in (("fit_x_epoch", "fit / MAP epoch"), ("predict_x_forward", "GLM probit predictive / MAP forward"),
                        ("memory_x_params", "posterior floats / LoRA params")):
         rows.append((label, *[f"{o[key]:.2f}x" for o in ours], f"{lt[key]:.2f}x" if key in lt else "-"))
@@ -176,6 +201,12 @@ def print_table(out: dict, title: str) -> None:
           f"epoch {out['map']['epoch_s']:.1f} s, forward over test {out['map']['forward_test_s']:.1f} s")
     for r in rows:
         print(f"{r[0]:<40} {r[1]:>12} {r[2]:>12} {r[3]:>14}")
+    for v in ("ours_expand", "ours_reduce"):
+        if "minus_peer" in out[v]:
+            mp = out[v]["minus_peer"]
+            print(f"{v} - laplace-torch (test-set s.e.): " + "  ".join(
+                f"{key}: ECE {mp[key]['ece']:+.2f} pt ({mp[key]['ece_se']:.2f}), NLL {mp[key]['nll']:+.4f} "
+                f"({mp[key]['nll_se']:.4f})" for key in ("prior1", "marglik")))
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -198,7 +229,13 @@ def summarize(runs: list[dict]) -> dict:
         if v != "laplace_torch" and all("laplace_torch" in r for r in runs):
             for key, m in CELLS:
                 d = [r[v][key][m] - r["laplace_torch"][key][m] for r in runs]
-                summ[v][f"{key}_{m}_minus_peer"] = {**stats(d), "ours_at_least_as_good": int(sum(x <= 0 for x in d))}
+                st, dv = stats(d), np.asarray(d, dtype=float)
+                half = T95.get(len(d) - 1, 1.96) * dv.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+                lo, hi = dv.mean() - half, dv.mean() + half
+                verdict = "better" if hi < 0 else "worse" if lo > 0 else "tie"
+                summ[v][f"{key}_{m}_minus_peer"] = {**st, "ci95": [round(float(lo), 5), round(float(hi), 5)],
+                                                    "verdict": verdict if len(d) > 1 else "one seed",
+                                                    "ours_at_least_as_good": int(sum(x <= 0 for x in d))}
     return summ
 
 
@@ -217,11 +254,13 @@ def print_summary(summ: dict) -> None:
     print(f"{'marglik prior precision':<40}" + "".join(
         f"{summ[v]['marglik_prior']['mean']:>14.2f} +- {summ[v]['marglik_prior']['std']:.2f}" for v in present))
     if "laplace_torch" in summ:
-        print("\nours - laplace-torch, paired by seed (negative = ours better; [seeds where ours is at least as good]):")
+        print("\nours - laplace-torch, paired by seed (negative = ours better): mean +- std, 95% t-interval over the "
+              "seeds, [seeds where ours is at least as good], verdict:")
         for v in present[:-1]:
-            cells = [summ[v][f"{key}_{m}_minus_peer"] for key, m in CELLS]
-            print(f"{v:<14}" + "  ".join(f"{m.upper()} {key}: {c['mean']:+.4f} +- {c['std']:.4f} "
-                                        f"[{c['ours_at_least_as_good']}/{n}]" for (key, m), c in zip(CELLS, cells)))
+            for (key, m) in CELLS:
+                c = summ[v][f"{key}_{m}_minus_peer"]
+                print(f"{v:<14}{m.upper() + ' ' + key:<14} {c['mean']:+.4f} +- {c['std']:.4f}  "
+                      f"[{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]  [{c['ours_at_least_as_good']}/{n}]  {c['verdict']}")
 
 
 def main() -> None:
@@ -240,6 +279,8 @@ def main() -> None:
     ap.add_argument("--n-kfac", type=int, default=None, help="method.n_kfac (default: config)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.out and Path(args.out).exists():  # never overwrite another run's results
+        sys.exit(f"error: --out {args.out} exists (another run's results); choose a new file name")
     runs = []
     for seed in args.seeds:
         runs.append(run_seed(args, seed))

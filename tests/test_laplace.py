@@ -150,12 +150,12 @@ def test_fisher_variants_mc_and_empirical():
 def test_sequences_padding_and_ragged_batches_do_not_change_factors():
     net = TinyLoRANet(seed=5)
     batch = _data(7, T=4, seed=6)
-    _, ref = _fit(net, batch, bs=7)
+    _, ref = _fit(net, batch, bs=7, approx="reduce")
     padded = {k: v.clone() for k, v in batch.items()}
     padded["x"] = torch.cat([padded["x"], torch.randn(7, 3, D_IN, dtype=F64)], 1)        # garbage at pad positions
     padded["x"][:, :4][batch["attention_mask"] == 0] = 5.0
     padded["attention_mask"] = torch.cat([batch["attention_mask"], torch.zeros(7, 3, dtype=torch.long)], 1)
-    _, other = _fit(net, padded, bs=3)                                          # ragged: 3 + 3 + 1
+    _, other = _fit(net, padded, bs=3, approx="reduce")                         # ragged: 3 + 3 + 1
     for a, b in zip(ref.layers, other.layers):
         torch.testing.assert_close(b.A.dense(), a.A.dense(), rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(b.G.dense(), a.G.dense(), rtol=1e-10, atol=1e-12)
@@ -481,3 +481,37 @@ def test_benchmark_summary_pairs_seeds_with_the_peer():
     assert summ["ours_expand"]["marglik_ece_minus_peer"]["ours_at_least_as_good"] == 0
     assert summ["laplace_torch"]["marglik_prior"]["mean"] == 10.5
     assert "prior1_ece_minus_peer" not in summ["laplace_torch"]
+    # 95% t-interval over the seeds (t_1 = 12.706): differences -0.01 / +0.01 -> a tie
+    assert d["ci95"] == pytest.approx([-12.706 * 0.01, 12.706 * 0.01], abs=2e-4) and d["verdict"] == "tie"
+    # three seeds, ours lower by 0.02 / 0.03 / 0.025: mean -0.025, std 0.005, t_2 = 4.303 -> better; reversed -> worse
+    three = [run(s, 0.10 - dd, 0.10, 0.4) for s, dd in enumerate((0.02, 0.03, 0.025))]
+    c = bench.summarize(three)["ours_reduce"]["prior1_ece_minus_peer"]
+    half = 4.303 * 0.005 / 3 ** 0.5
+    assert c["ci95"] == pytest.approx([-0.025 - half, -0.025 + half], abs=1e-4) and c["verdict"] == "better"
+    three = [run(s, 0.10 + dd, 0.10, 0.4) for s, dd in enumerate((0.02, 0.03, 0.025))]
+    assert bench.summarize(three)["ours_reduce"]["prior1_ece_minus_peer"]["verdict"] == "worse"
+
+
+def test_benchmark_paired_test_set_differences():
+    """laplace_cost.paired: per-sentence NLL differences (mean, standard error) and the ECE difference in
+    points, on the same test sentences (known answers)."""
+    import importlib.util
+    from pathlib import Path
+
+    from uqlora.metrics import ece
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "laplace_cost.py"
+    spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    y = np.array([0, 1, 1, 0, 1])
+    ours = np.array([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8]])
+    peer = np.array([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5], [0.7, 0.3], [0.1, 0.9]])
+    d = -np.log(ours[np.arange(5), y]) + np.log(peer[np.arange(5), y])
+    out = bench.paired(ours, peer, y, n_boot=50)
+    assert out["nll"] == pytest.approx(d.mean(), abs=1e-5)
+    assert out["nll_se"] == pytest.approx(d.std(ddof=1) / 5 ** 0.5, abs=1e-5)
+    assert out["ece"] == pytest.approx(100 * (ece(ours, y) - ece(peer, y)), abs=1e-3)
+    assert out["ece_se"] > 0
+    same = bench.paired(ours, ours, y, n_boot=20)
+    assert same == {"nll": 0.0, "nll_se": 0.0, "ece": 0.0, "ece_se": 0.0}
