@@ -9,11 +9,11 @@ with ``vec`` the row-major flattening of W (``vec(g a^T) = g (x) a``) and ``g_n`
 ``-log p(y | x_n)`` w.r.t. the layer's output. LoRA A ([r, d_in]) and LoRA B ([d_out, r]) are separate
 layers, and the classifier head (or the answer rows of a causal LM's head) is one more layer.
 
-Sequences (weight sharing over positions, one loss per sequence): KFAC-*reduce* (Eschenhagen et al.
-2023): ``a_n`` = the mean of the layer's inputs over the example's non-pad positions, ``g_n`` = the sum of
-the output gradients over its positions. KFAC-*expand* (``approx="expand"``, what curvlinops and so
-laplace-torch use by default) instead sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each
-example's positions. Padding never enters (pad positions are masked out and get zero gradient), so the
+Sequences (weight sharing over positions, one loss per sequence; Eschenhagen et al. 2023): KFAC-*expand*
+(``approx="expand"``, the default; what the Laplace-LoRA code (laplace-torch with ASDL's ``kfac-expand``)
+and curvlinops use) sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each example's
+positions. KFAC-*reduce* (``approx="reduce"``): ``a_n`` = the mean of the layer's inputs over the example's
+non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad positions are masked out and get zero gradient), so the
 factors do not depend on how examples are batched. For the cloze head an
 example is its C continuation sequences together.
 
@@ -341,7 +341,7 @@ def init_factors(layers: list[KFACLayer], lowrank_threshold: int, n_kfac: int, d
 
 
 def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fisher: str, n_samples: int = 1,
-               generator: torch.Generator | None = None, approx: str = "reduce") -> float:
+               generator: torch.Generator | None = None, approx: str = "expand") -> float:
     """Add one batch (captured by :func:`capture`) to the factors; returns the batch's summed log-likelihood.
 
     ``approx="reduce"``: one row per example (mean input, summed output gradient). ``approx="expand"``:
@@ -401,7 +401,7 @@ def reduce_kfac(result: KFACResult, group=None) -> KFACResult:
 
 def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str = "exact", n_samples: int = 1,
              lowrank_threshold: int = 100, n_kfac: int = 10, device=None, autocast=None, seed: int = 0,
-             progress: bool = True, approx: str = "reduce", allow_empty: bool = False) -> KFACResult:
+             progress: bool = True, approx: str = "expand", allow_empty: bool = False) -> KFACResult:
     """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode.
     ``allow_empty``: an empty loader gives zero factors (a process's empty shard, summed by :func:`reduce_kfac`)."""
     if approx not in KFAC_APPROX:
