@@ -69,8 +69,8 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	touch $@
 
 bench-laplace: bench-install
-	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 15 --seeds 0 1 2 --test 1000
-	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 6 --seeds 0 1 2 --test 1000
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 6 --seeds 0 1 2 3 4 --test 1821 --out benchmarks/results/laplace_cost_6ep_$(DEMO_STAMP).json
+	$(OFFLINE) $(BENCH_PY) benchmarks/laplace_cost.py --epochs 15 --seeds 0 1 2 3 4 --test 1821 --out benchmarks/results/laplace_cost_15ep_$(DEMO_STAMP).json
 
 bench-swag: install
 	$(OFFLINE) $(PY) benchmarks/swag_overhead.py
