@@ -454,9 +454,8 @@ def test_real_model_laplace_run_and_eval_reuses_posterior(tmp_path, model, data,
         assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-5)
 
 
-def test_benchmark_summary_pairs_seeds_with_the_peer():
-    """benchmarks/laplace_cost.py's multi-seed summary: mean, sample std and the paired ours - peer difference
-    per quality cell, with the count of seeds where ours is at least as good (known answers)."""
+def _load_benchmark():
+    """benchmarks/laplace_cost.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
@@ -464,6 +463,13 @@ def test_benchmark_summary_pairs_seeds_with_the_peer():
     spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_summary_pairs_seeds_with_the_peer():
+    """benchmarks/laplace_cost.py's multi-seed summary: mean, sample std and the paired ours - peer difference
+    per quality cell, with the count of seeds where ours is at least as good (known answers)."""
+    bench = _load_benchmark()
 
     def run(seed, ours_ece, peer_ece, nll):
         q = lambda ece, n: {"acc": 0.8, "ece": ece, "nll": n}  # noqa: E731
@@ -495,15 +501,9 @@ def test_benchmark_summary_pairs_seeds_with_the_peer():
 def test_benchmark_paired_test_set_differences():
     """laplace_cost.paired: per-sentence NLL differences (mean, standard error) and the ECE difference in
     points, on the same test sentences (known answers)."""
-    import importlib.util
-    from pathlib import Path
-
     from uqlora.metrics import ece
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "laplace_cost.py"
-    spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_benchmark()
     y = np.array([0, 1, 1, 0, 1])
     ours = np.array([[0.9, 0.1], [0.3, 0.7], [0.4, 0.6], [0.6, 0.4], [0.2, 0.8]])
     peer = np.array([[0.8, 0.2], [0.3, 0.7], [0.5, 0.5], [0.7, 0.3], [0.1, 0.9]])
