@@ -13,9 +13,9 @@ Sequences (weight sharing over positions, one loss per sequence; Eschenhagen et 
 (``approx="expand"``, the default; what the Laplace-LoRA code (laplace-torch with ASDL's ``kfac-expand``)
 and curvlinops use) sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each example's
 positions. KFAC-*reduce* (``approx="reduce"``): ``a_n`` = the mean of the layer's inputs over the example's
-non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad positions are masked out and get zero gradient), so the
-factors do not depend on how examples are batched. For the cloze head an
-example is its C continuation sequences together.
+non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad
+positions are masked out and get zero gradient), so the factors do not depend on how examples are batched.
+For the cloze head an example is its C continuation sequences together.
 
 Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
 ``sqrt(p_c) (e_c - p)`` (whose outer products sum to diag(p) - p p^T); ``mc`` -- ``n`` labels sampled
