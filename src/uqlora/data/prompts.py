@@ -8,7 +8,10 @@ Templates are ``str.format`` strings from the data config (``data.prompt``):
   ("A. ...\\nB. ..."); the answer words are " A", " B", ...;
 * ``cloze_template`` -- the context of the cloze head (``lm_cloze``) with ``{question}``; each choice's
   continuation is " " + the choice text, unless a record brings its own ``cloze`` pairs
-  (WinoGrande partial scoring).
+  (WinoGrande partial scoring); its two batch layouts are in :mod:`uqlora.data.cloze_batch`.
+
+A collator called on ``(index, record)`` pairs (what :class:`~uqlora.data.datamodule.UQDataModule`'s loaders
+give it) adds each example's position in its split as ``index [B]``.
 
 Causal prompts are truncated from the left so the answer position is never cut.
 """
@@ -17,6 +20,9 @@ from __future__ import annotations
 import string
 
 import torch
+
+from uqlora.data.cloze_batch import CLOZE_IMPLS, cloze_pairs, packed_batch, separate_batch
+from uqlora.errors import DataError
 
 LETTERS = string.ascii_uppercase
 DEFAULT_TEMPLATE = "{text}\nAnswer:"
@@ -47,13 +53,6 @@ def format_mc(rec: dict, template: str) -> str:
     return template.format(question=rec["question"], options=options)
 
 
-def cloze_pairs(rec: dict, template: str) -> list[tuple[str, str]]:
-    if rec.get("cloze"):
-        return [(c, t) for c, t in rec["cloze"]]
-    ctx = template.format(question=rec["question"])
-    return [(ctx, " " + c) for c in rec["choices"]]
-
-
 PER_EXAMPLE_FLOATS = ("uncertainty", "label_smoothing", "entropy_subset")
 
 
@@ -61,9 +60,12 @@ class Collator:
     """Tokenises a list of records into the batch dict of one head (see ``models.backbone``)."""
 
     def __init__(self, tokenizer, head: str, task: str, num_classes: int, max_length: int, prompt_cfg=None,
-                 causal: bool = True):
+                 causal: bool = True, cloze_impl: str = "packed"):
         self.tok, self.head, self.task, self.C, self.max_length = tokenizer, head, task, num_classes, max_length
         self.causal = causal
+        if cloze_impl not in CLOZE_IMPLS:
+            raise DataError(f"unknown model.cloze_impl '{cloze_impl}'; valid choices: {', '.join(CLOZE_IMPLS)}")
+        self.cloze_impl = cloze_impl
         p = dict(prompt_cfg or {})
         self.template = p.get("template") or DEFAULT_TEMPLATE
         self.mc_template = p.get("mc_template") or DEFAULT_MC_TEMPLATE
@@ -78,13 +80,24 @@ class Collator:
 
     def _encode(self, texts, pairs=None) -> dict:
         self.tok.truncation_side = "left" if self.causal else "right"
+        self.tok.padding_side = "right"  # the heads find the last token of a row as its number of real tokens
         enc = self.tok(texts, pairs, truncation=True, max_length=self.max_length, padding=True,
                        return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def __call__(self, records: list[dict]) -> dict:
+    def length(self, record: dict) -> int:
+        """The padded length of ``record``'s batch on its own (the sequence length its rows need)."""
+        return int(self([record])["input_ids"].shape[-1])
+
+    def __call__(self, records: list) -> dict:
+        index = None
+        if records and isinstance(records[0], tuple):  # (position in the split, record) from the loaders
+            index = torch.tensor([i for i, _ in records], dtype=torch.long)
+            records = [r for _, r in records]
         if self.head == "lm_cloze":
-            batch = self._cloze(records)
+            make = packed_batch if self.cloze_impl == "packed" else separate_batch
+            batch = make(self.tok, records, self.cloze_template, self.C, self.max_length)
+            batch["choice_mask"] = self._choice_mask([{"choices": cloze_pairs(r, self.cloze_template)} for r in records])
         elif self.head == "mc_classifier":  # encoders: every (question, choice) pair, padded to C pairs
             qs, cs = [], []
             for r in records:
@@ -106,33 +119,6 @@ class Collator:
         for key in PER_EXAMPLE_FLOATS:  # e.g. UAL's per-example label smoothing, when every record has it
             if all(key in r for r in records):
                 batch[key] = torch.tensor([float(r[key]) for r in records], dtype=torch.float32)
+        if index is not None:
+            batch["index"] = index
         return batch
-
-    def _cloze(self, records: list[dict]) -> dict:
-        seqs, targets, chars = [], [], []
-        pad_id = self.tok.pad_token_id
-        for r in records:
-            pairs = cloze_pairs(r, self.cloze_template)
-            if len(pairs) > self.C:
-                raise ValueError(f"record {r.get('id')} has {len(pairs)} choices, more than num_classes={self.C}")
-            pairs = pairs + [("", " ")] * (self.C - len(pairs))  # padded choices, masked out below
-            for ctx, cont in pairs:
-                c_ids = self.tok(cont, add_special_tokens=False)["input_ids"][: self.max_length - 1]
-                x_ids = self.tok(ctx, add_special_tokens=True)["input_ids"] if ctx else []
-                if not x_ids:
-                    x_ids = [self.tok.bos_token_id if self.tok.bos_token_id is not None else pad_id]
-                x_ids = x_ids[-(self.max_length - len(c_ids)):]
-                seqs.append(x_ids + c_ids)
-                targets.append([0] * len(x_ids) + [1] * len(c_ids))
-                chars.append(len(cont))
-        L = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-        att = torch.zeros((len(seqs), L), dtype=torch.long)
-        tgt = torch.zeros((len(seqs), L), dtype=torch.long)
-        for i, (s, t) in enumerate(zip(seqs, targets)):
-            ids[i, : len(s)] = torch.tensor(s)
-            att[i, : len(s)] = 1
-            tgt[i, : len(t)] = torch.tensor(t)
-        return {"input_ids": ids, "attention_mask": att, "target_mask": tgt,
-                "cont_chars": torch.tensor(chars, dtype=torch.long), "choice_mask": self._choice_mask(
-                    [{"choices": cloze_pairs(r, self.cloze_template)} for r in records])}
