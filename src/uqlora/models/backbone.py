@@ -1,6 +1,6 @@
-"""Backbone = pretrained transformer + LoRA adapters (peft) + one of three heads.
+"""Backbone = pretrained transformer + LoRA adapters (peft) + one of four heads.
 
-Every backbone exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, d]``:
+Every backbone (base class: :class:`uqlora.models.base.Backbone`) exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, d]``:
 
 * ``classifier``  -- a linear head on the [CLS] token (``pooling=cls``), the mean of the tokens
   (``mean``) or the last non-pad token (``last``, decoders, as AdUE does);
@@ -9,12 +9,14 @@ Every backbone exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, 
 * ``lm_choices``  -- a causal LM's next-token logits at the answer position restricted to the answer
   tokens (" A", " B", ... or label words such as " negative"/" positive"); the C answer rows of the
   LM head are copied into a parameter that trains when ``lora.train_head`` is true;
-* ``lm_cloze``    -- each choice's continuation scored by its log-likelihood after the context,
-  normalised by its length in tokens (``cloze_norm=token``), characters (``char``) or not at all
-  (``none``); the C scores are the logits.
+* ``lm_cloze``    -- each choice's continuation scored by its log-likelihood after the context
+  (:mod:`uqlora.models.cloze`: the context computed once per question, ``model.cloze_impl=packed``).
+
+The decoder heads run the LM head only where it is read: ``lm_choices`` multiplies the last hidden state by
+its C answer rows, ``classifier`` on a decoder has no LM head, ``lm_cloze`` applies it at the scored positions.
 
 Padded (non-existent) choices are masked with ``choice_mask`` to a logit of -1e9, so their
-probability is exactly zero. Logits are float32 also under bf16 autocast.
+probability is exactly zero. Logits are float32 also under bf16 autocast (float64 in a float64 model).
 """
 from __future__ import annotations
 
@@ -22,78 +24,13 @@ import logging
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from uqlora.errors import ModelError, UqloraError
+from uqlora.errors import ModelError
+from uqlora.models.base import MASKED_LOGIT, Backbone, _last_index  # noqa: F401  (re-exported)
+from uqlora.models.cloze import LMClozeBackbone
 
 log = logging.getLogger(__name__)
-MASKED_LOGIT = -1e9
 HEADS = ("classifier", "mc_classifier", "lm_choices", "lm_cloze")
-
-
-def _last_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last non-pad token of each row (right padding)."""
-    return attention_mask.long().sum(1).clamp(min=1) - 1
-
-
-class Backbone(nn.Module):
-    """Base class: owns the LoRA-wrapped transformer and the bookkeeping shared by the heads."""
-
-    head_kind: str = ""
-
-    def __init__(self, transformer: nn.Module, num_classes: int):
-        super().__init__()
-        self.transformer = transformer
-        self.num_classes = int(num_classes)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.transformer.config.hidden_size)
-
-    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.transformer(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-
-    def _mask(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        logits = logits.float()
-        mask = batch.get("choice_mask")
-        return logits if mask is None else logits.masked_fill(~mask.bool(), MASKED_LOGIT)
-
-    def logits(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def features(self, batch: dict) -> torch.Tensor:
-        raise NotImplementedError
-
-    def logits_with_features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logits [B, C], features)`` from one forward pass: the head's input ``[B, d]`` (before head
-        dropout), or for the cloze head the last hidden state of each choice's sequence ``[B, C, d]``."""
-        raise NotImplementedError
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.logits(batch)
-
-    def head_parameters(self) -> tuple[nn.Parameter, nn.Parameter | None] | None:
-        """(weight [C, d], bias [C] or None) of the trained linear head whose input is ``head_input``'s
-        output, or None when there is no trained head (Laplace treats it as one more KFAC layer)."""
-        return None
-
-    # --- adapter + head state: the only thing that is saved -------------------------------------
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().clone() for n, p in self.named_parameters() if p.requires_grad}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        own = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        bad = [n for n in own if n in state and tuple(state[n].shape) != tuple(own[n].shape)]
-        if missing or unexpected or bad:
-            first = (missing or unexpected or bad)[0]
-            raise UqloraError(
-                f"checkpoint does not match this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                f"{len(bad)} wrong-shape tensors, e.g. '{first}'): it was saved from a different model/head/LoRA config")
-        with torch.no_grad():
-            for n, p in own.items():
-                p.copy_(state[n].to(device=p.device, dtype=p.dtype))
 
 
 class ClassifierBackbone(Backbone):
@@ -141,10 +78,6 @@ class MCClassifierBackbone(ClassifierBackbone):
         super().__init__(transformer, num_classes, pooling, head_dropout)
         self.head = nn.Linear(self.hidden_size, 1)
 
-    @property
-    def choice_head(self) -> nn.Linear:
-        return self.head
-
     def logits_with_features(self, batch):
         f = self.features(batch)  # [B*C, d]
         B = batch["labels"].shape[0]
@@ -184,53 +117,6 @@ class LMChoicesBackbone(Backbone):
         if self.answer_bias is not None:
             out = out + self.answer_bias.to(f.dtype)
         return self._mask(out, batch), f
-
-
-class LMClozeBackbone(Backbone):
-    head_kind = "lm_cloze"
-
-    def __init__(self, transformer, lm_head: nn.Linear, num_classes: int, norm: str = "char"):
-        super().__init__(transformer, num_classes)
-        if norm not in ("token", "char", "none"):
-            raise ModelError(f"unknown model.cloze_norm '{norm}'; valid choices: token, char, none")
-        self.norm = norm
-        self.lm_head = lm_head
-        for p in self.lm_head.parameters():
-            p.requires_grad_(False)
-
-    def _hidden_flat(self, batch):
-        return self.hidden(batch["input_ids"], batch["attention_mask"])  # [B*C, L, d]
-
-    def _choice_last(self, h, batch):
-        last = h[torch.arange(h.shape[0], device=h.device), _last_index(batch["attention_mask"])]
-        return last.view(batch["labels"].shape[0], -1, last.shape[-1])  # [B, C, d]
-
-    def features(self, batch):
-        last = self._choice_last(self._hidden_flat(batch), batch)
-        w = batch["choice_mask"].unsqueeze(-1).to(last.dtype)
-        return (last * w).sum(1) / w.sum(1).clamp(min=1.0)
-
-    def logits(self, batch):
-        return self._scores(self._hidden_flat(batch), batch)
-
-    def logits_with_features(self, batch):
-        h = self._hidden_flat(batch)
-        return self._scores(h, batch), self._choice_last(h, batch)
-
-    def _scores(self, h, batch):
-        ids = batch["input_ids"]
-        tgt = batch["target_mask"].bool().clone()
-        tgt[:, 0] = False  # the first token has no prediction
-        rows, cols = tgt.nonzero(as_tuple=True)
-        logp = F.log_softmax(self.lm_head(h[rows, cols - 1]).float(), dim=-1)
-        tok_lp = logp.gather(1, ids[rows, cols].unsqueeze(1)).squeeze(1)
-        scores = torch.zeros(ids.shape[0], device=ids.device, dtype=torch.float32).index_add_(0, rows, tok_lp)
-        if self.norm == "token":
-            scores = scores / tgt.sum(1).clamp(min=1)
-        elif self.norm == "char":
-            scores = scores / batch["cont_chars"].float().clamp(min=1)
-        B = batch["labels"].shape[0]
-        return self._mask(scores.view(B, -1), batch)
 
 
 def _lora(transformer: nn.Module, lcfg) -> nn.Module:
@@ -310,4 +196,5 @@ def build_backbone(mcfg, head: str, num_classes: int, answer_words: list[str] | 
         bb = LMChoicesBackbone(transformer, lm_head, ids, train_head=bool(mcfg.lora.get("train_head", True)))
         object.__setattr__(bb, "generation_lm_head", lm_head)  # full vocabulary for free-text generation (not a
         return bb                                              # submodule: its weight is not trained or saved)
-    return LMClozeBackbone(transformer, lm_head, num_classes, norm=mcfg.get("cloze_norm", "char"))
+    return LMClozeBackbone(transformer, lm_head, num_classes, norm=mcfg.get("cloze_norm", "char"),
+                           impl=mcfg.get("cloze_impl", "packed"))
