@@ -70,19 +70,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 class ShardSampler(DistributedSampler):
     """Indices ``[rank * n // W, (rank + 1) * n // W)``: contiguous, unpadded shards, so each example is seen by
-    exactly one rank and concatenating the shards in rank order restores the data order. (torch's
-    ``DistributedSampler`` pads with repeated examples; Lightning leaves a ``DistributedSampler`` in place.)"""
+    exactly one rank and concatenating the shards (each put back in data order) in rank order restores the
+    data order. (torch's ``DistributedSampler`` pads with repeated examples; Lightning leaves a
+    ``DistributedSampler`` in place.) With ``lengths`` the shard is visited longest first (ties in data
+    order), as an evaluation loader's :class:`~uqlora.data.datamodule.LengthGroupedSampler` does."""
 
-    def __init__(self, n: int, num_replicas: int, rank: int):  # no super().__init__: no dataset, no padding
+    def __init__(self, n: int, num_replicas: int, rank: int, lengths=None):  # no super().__init__: no padding
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} outside [0, {num_replicas})")
         self.n, self.num_replicas, self.rank = int(n), int(num_replicas), int(rank)
         self.start, self.end = self.rank * self.n // self.num_replicas, (self.rank + 1) * self.n // self.num_replicas
         self.num_samples = self.total_size = self.end - self.start
         self.shuffle, self.drop_last, self.seed, self.epoch = False, False, 0, 0
+        self.lengths = lengths
 
     def __iter__(self):
-        return iter(range(self.start, self.end))
+        idx = range(self.start, self.end)
+        return iter(idx if self.lengths is None else sorted(idx, key=lambda i: (-self.lengths[i], i)))
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -92,6 +96,16 @@ class ShardSampler(DistributedSampler):
 
 
 def shard_loader(loader: DataLoader, num_replicas: int, rank: int) -> DataLoader:
-    """The same (unshuffled) loader over this rank's :class:`ShardSampler` shard of its dataset."""
+    """The same (unshuffled) loader over this rank's :class:`ShardSampler` shard of its dataset (grouped by
+    length when the loader's sampler was)."""
+    lengths = getattr(loader.sampler, "lengths", None)
     return DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
-                      sampler=ShardSampler(len(loader.dataset), num_replicas, rank), num_workers=loader.num_workers)
+                      sampler=ShardSampler(len(loader.dataset), num_replicas, rank, lengths),
+                      num_workers=loader.num_workers)
+
+
+def loader_order(loader: DataLoader):
+    """The dataset positions in the order the (deterministic) loader visits them."""
+    import numpy as np
+
+    return np.fromiter((i for batch in loader.batch_sampler for i in batch), dtype=np.int64)

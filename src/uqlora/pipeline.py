@@ -76,7 +76,7 @@ def build_member(cfg: DictConfig, info, head: str, records: dict, member_seed: i
     backbone = build_backbone(cfg.model, head, info.num_classes, answer_words=words, tokenizer=tok, model=model)
     method = get_method(cfg.method.name)(backbone, cfg)
     dm = UQDataModule(cfg.data, tok, head, causal=cfg.model.kind == "causal", seed=int(cfg.seed), records=records,
-                      shuffle_seed=member_seed)
+                      shuffle_seed=member_seed, cloze_impl=cfg.model.get("cloze_impl", "packed"))
     return method, dm
 
 
@@ -192,19 +192,22 @@ def predict(trainer: pl.Trainer, method, dm: UQDataModule, split: str) -> dict[s
     """The predictive on every example of ``split``, in data order. With W > 1 processes each predicts a
     contiguous, unpadded shard and the shards are gathered in rank order: every example exactly once, and every
     rank returns the whole split."""
-    from uqlora.distributed import all_gather_object, global_rank, shard_loader, world_size
+    from uqlora.distributed import all_gather_object, global_rank, loader_order, shard_loader, world_size
 
     loader = dm.loader(split)
     world = world_size()  # the process group's: every process runs this same call
     if world > 1:
         loader = shard_loader(loader, world, global_rank())
     outs = trainer.predict(method, dataloaders=loader)
-    res = _concat_outputs(outs)
+    back = np.argsort(loader_order(loader), kind="stable")  # batches are grouped by length: back to data order
+    res = {k: v[:, back] if k == "samples" else v[back] for k, v in _concat_outputs(outs).items()}
     if world > 1:
         res = _concat_outputs([p for p in all_gather_object(res) if p])
     res["ids"] = np.array([str(r["id"]) for r in dm.records[split]])
     if len(res.get("labels", ())) != len(res["ids"]):
         raise UqloraError(f"predictions on '{split}' cover {len(res.get('labels', ()))} of {len(res['ids'])} examples")
+    if not np.array_equal(res["labels"], [int(r["label"]) for r in dm.records[split]]):
+        raise UqloraError(f"predictions on '{split}' are not in data order (their labels differ from the records')")
     return res
 
 

@@ -13,6 +13,12 @@ Where each split comes from (``data.*``):
 
 Carving uses ``numpy.random.default_rng(seed)``: the same seed gives the same splits. Sizes are
 fractions (< 1) or counts (>= 1).
+
+Loaders give the collator ``(position, record)`` pairs, so every batch carries ``index`` (the examples'
+positions in the split). Training loaders shuffle (:class:`EpochShuffleSampler`); evaluation loaders visit
+the examples longest first (:class:`LengthGroupedSampler`), so a batch is padded to its own longest example
+rather than to the split's; the loader's sampler order (or the batches' ``index``) puts predictions back in
+data order.
 """
 from __future__ import annotations
 
@@ -136,16 +142,48 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Evaluation order: the examples (all, or the positions ``indices``: a process's shard) by decreasing
+    padded length, ties in data order. Deterministic, so iterating the loader's batch sampler again gives the
+    order in which predictions were made."""
+
+    def __init__(self, lengths: list[int], indices=None):
+        self.lengths = list(lengths)
+        idx = range(len(self.lengths)) if indices is None else indices
+        self.order = sorted(idx, key=lambda i: (-self.lengths[i], i))
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self):
+        return len(self.order)
+
+
+class IndexedRecords(torch.utils.data.Dataset):
+    """A split's records as ``(position, record)`` pairs (the collator turns the positions into ``index``)."""
+
+    def __init__(self, records: list[dict]):
+        self.records = records
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return i, self.records[i]
+
+
 class UQDataModule(pl.LightningDataModule):
     def __init__(self, dcfg, tokenizer, head: str, causal: bool, seed: int = 0,
-                 records: dict[str, list[dict]] | None = None, shuffle_seed: int | None = None):
+                 records: dict[str, list[dict]] | None = None, shuffle_seed: int | None = None,
+                 cloze_impl: str = "packed"):
         super().__init__()
         self.cfg, self.seed = dcfg, int(seed)
         self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.info = task_info(dcfg)
         self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
-                                 dcfg.get("prompt"), causal=causal)
+                                 dcfg.get("prompt"), causal=causal, cloze_impl=cloze_impl)
         self.records = records
+        self._lengths: dict[str, tuple[list, list[int]]] = {}
 
     def setup(self, stage=None):
         if self.records is None:
@@ -156,14 +194,28 @@ class UQDataModule(pl.LightningDataModule):
         self.setup()
         return bool(self.records.get(split))
 
-    def loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def lengths(self, split: str) -> list[int]:
+        """The padded length of every example of ``split`` (:meth:`Collator.length`), cached per records list."""
+        recs = self.records[split]
+        cached = self._lengths.get(split)
+        if cached is None or cached[0] is not recs:
+            cached = (recs, [self.collator.length(r) for r in recs])
+            self._lengths[split] = cached
+        return cached[1]
+
+    def loader(self, split: str, shuffle: bool = False, group_by_length: bool = True) -> DataLoader:
+        """Shuffled (training) or evaluation loader of ``split``; evaluation batches are grouped by length
+        unless ``group_by_length=False`` (data order)."""
         self.setup()
         if split not in self.records:
             raise DataError(f"no '{split}' split configured; available: {', '.join(self.records)}")
         bs = int(self.cfg.batch_size if shuffle else self.cfg.get("eval_batch_size", self.cfg.batch_size))
-        sampler = EpochShuffleSampler(len(self.records[split]), self.shuffle_seed) if shuffle else None
-        return DataLoader(self.records[split], batch_size=bs, sampler=sampler, collate_fn=self.collator,
-                          num_workers=int(self.cfg.get("num_workers", 0)))
+        if shuffle:
+            sampler = EpochShuffleSampler(len(self.records[split]), self.shuffle_seed)
+        else:
+            sampler = LengthGroupedSampler(self.lengths(split)) if group_by_length else None
+        return DataLoader(IndexedRecords(self.records[split]), batch_size=bs, sampler=sampler,
+                          collate_fn=self.collator, num_workers=int(self.cfg.get("num_workers", 0)))
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
