@@ -15,7 +15,12 @@ and curvlinops use) sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T``
 positions. KFAC-*reduce* (``approx="reduce"``): ``a_n`` = the mean of the layer's inputs over the example's
 non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad
 positions are masked out and get zero gradient), so the factors do not depend on how examples are batched.
-For the cloze head an example is its C continuation sequences together.
+A layer's input per example is ``[T, d]`` over the positions the ``attention_mask`` [B, T] marks as real: for
+the cloze head in its packed layout (``model.cloze_impl=packed``) one sequence, the context once and then the
+C continuations; in the separate layout its C sequences together (``[C*L, d]``, the context C times). The
+Jacobians (GLM predictive) of the two layouts are equal; the KFAC factors are approximations that depend on
+the computation graph (how often the context's positions enter), so the two layouts give different factors,
+each equal to its own definition.
 
 Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
 ``sqrt(p_c) (e_c - p)`` (whose outer products sum to diag(p) - p p^T); ``mc`` -- ``n`` labels sampled
@@ -307,7 +312,8 @@ def output_grads(logits: torch.Tensor, layers: list[KFACLayer], V: torch.Tensor)
 
 
 def _rows(x: torch.Tensor, n_examples: int) -> torch.Tensor:
-    """[rows, (L,) d] -> [B, R*L, d]: the positions of each example together (R rows per example)."""
+    """[rows, (L,) d] -> [B, R*L, d]: the positions of each example together (R rows per example: 1, or C for
+    the separate cloze layout and ``mc_classifier``)."""
     if x.dim() == 2:
         x = x.unsqueeze(1)
     return x.reshape(n_examples, -1, x.shape[-1])
