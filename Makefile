@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag tables
+.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag bench-llm tables
 
 install: $(VENV)/.installed
 
@@ -74,3 +74,8 @@ bench-laplace: bench-install
 
 bench-swag: install
 	$(OFFLINE) $(PY) benchmarks/swag_overhead.py
+
+# SmolLM2-135M: the cloze head's packed vs separate path, and every method's cost relative to MAP (ARC-E, SST-2);
+# writes benchmarks/results/llm_cost_<time>.json. BENCH_LLM_ARGS=--quick for a smoke test.
+bench-llm: install
+	$(OFFLINE) $(PY) benchmarks/llm_cost.py $(BENCH_LLM_ARGS)
