@@ -286,3 +286,14 @@ def test_grouped_evaluation_predictions_equal_data_order(data):
     np.testing.assert_allclose(res["probs"], ref_probs, rtol=1e-5, atol=1e-6)
     tokens = lambda loader: sum(b["input_ids"].numel() for b in loader)  # noqa: E731
     assert tokens(grouped) < tokens(dm.loader("test", group_by_length=False))  # less padding
+
+
+@pytest.mark.parametrize("n,world", [(11, 2), (7, 3), (1, 2)])
+def test_ddp_shards_of_a_grouped_loader_are_grouped_and_restore_data_order(n, world):
+    from uqlora.distributed import ShardSampler
+
+    lengths = [int(x) for x in np.random.default_rng(n).integers(1, 9, n)]
+    shards = [list(ShardSampler(n, world, r, lengths)) for r in range(world)]
+    for shard in shards:
+        assert [lengths[i] for i in shard] == sorted((lengths[i] for i in shard), reverse=True)
+    assert sum((sorted(s) for s in shards), []) == list(range(n))  # each shard put back in order, in rank order
