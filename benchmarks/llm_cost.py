@@ -16,7 +16,11 @@ subprocess (so its peak RSS is its own):
    line of ``METHODS``.
 
     python benchmarks/llm_cost.py [--quick] [--datasets arc_e sst2] [--methods map laplace ...] [--threads N]
-                                  [--model smollm2_135m] [--out FILE]
+                                  [--clock wall|cpu] [--model smollm2_135m] [--out FILE]
+
+On a machine shared with other jobs, wall-clock seconds of a multi-threaded process measure mostly the time its
+threads wait for each other (a parallel op ends when its last thread is scheduled): there, run with
+``--threads 1 --clock cpu``.
 
 Targets (printed as met / not met): cloze training step and scoring >= 3x faster than the separate path;
 Laplace-LoRA on the cloze head: KFAC fit <= 1.5x one MAP epoch, GLM predictive <= (C + 2)x a MAP test pass;
@@ -98,6 +102,12 @@ def _threads() -> None:
         torch.set_num_threads(int(os.environ["LLM_COST_THREADS"]))
 
 
+def now() -> float:
+    """The workers' clock: wall seconds, or (``--clock cpu``) the process's CPU seconds, all threads summed --
+    on a machine shared with other jobs the latter does not count the time the process waits for a core."""
+    return time.process_time() if os.environ.get("LLM_COST_CLOCK") == "cpu" else time.perf_counter()
+
+
 def _floats(obj) -> int:
     """Floats held by the tensors of a (nested) state dict."""
     import torch
@@ -120,7 +130,8 @@ def work_cloze(job: dict) -> dict:
 
     n = job["sizes"]
     cfg = _compose(["data=arc_e", f"model.cloze_impl={job['impl']}", "data.batch_size=8", "data.eval_batch_size=8",
-                    f"data.max_train_samples={8 * (n['cloze_steps'] + 1)}", f"data.max_test_samples={n['cloze_score']}"])
+                    f"data.max_train_samples={8 * (n['cloze_steps'] + 1)}",
+                    f"data.max_test_samples={n['cloze_score']}"])
     torch.manual_seed(0)
     method, dm = setup(cfg)
     bb, rss_model = method.backbone, maxrss_mb()
@@ -129,14 +140,14 @@ def work_cloze(job: dict) -> dict:
     bb.train()
     steps, tokens, real = [], 0, 0
     for i, batch in enumerate(dm.loader("train", shuffle=True)):
-        t0 = time.perf_counter()
+        t0 = now()
         with autocast:
             loss = method.loss(bb.logits(batch), batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i:  # the first step warms up
-            steps.append(time.perf_counter() - t0)
+            steps.append(now() - t0)
             tokens += batch["input_ids"].numel()
             real += int(batch["attention_mask"].sum())
     bb.eval()
@@ -144,13 +155,13 @@ def work_cloze(job: dict) -> dict:
            "train_tokens_per_step": tokens / len(steps), "train_real_tokens_per_step": real / len(steps)}
     nq = len(dm.records["test"])
     for grouped in (False, True):
-        t0, tok = time.perf_counter(), 0
+        t0, tok = now(), 0
         with torch.no_grad(), autocast:
             for batch in dm.loader("test", group_by_length=grouped):
                 bb.logits(batch)
                 tok += batch["input_ids"].numel()
         key = "grouped" if grouped else "ungrouped"
-        out[f"score_s_per_100_{key}"] = (time.perf_counter() - t0) * 100 / nq
+        out[f"score_s_per_100_{key}"] = (now() - t0) * 100 / nq
         out[f"score_tokens_per_100_{key}"] = tok * 100 / nq
     out.update(rss_model_mb=rss_model, peak_rss_mb=maxrss_mb())
     return out
@@ -216,11 +227,11 @@ def work_method(job: dict) -> dict:
     fit_kfac = laplace_module.fit_kfac
 
     def timed_fit_kfac(*a, **kw):  # the KFAC part of Laplace's post-hoc fit
-        t0 = time.perf_counter()
+        t0 = now()
         try:
             return fit_kfac(*a, **kw)
         finally:
-            kfac_s.append(time.perf_counter() - t0)
+            kfac_s.append(now() - t0)
 
     laplace_module.fit_kfac = timed_fit_kfac
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,22 +244,23 @@ def work_method(job: dict) -> dict:
             method.prepare_fit(dm)
             n_batches = -(-len(dm.records["train"]) // 8)
             trainer = build_trainer(cfg, run, False, method.extra_callbacks(run), n_train_batches=n_batches)
-            t0 = time.perf_counter()
+            t0 = now()
             trainer.fit(method, datamodule=dm)
-            out["train_s"] = time.perf_counter() - t0
+            out["train_s"] = now() - t0
             if job.get("save_adapter"):
                 torch.save(bb.trainable_state_dict(), job["save_adapter"])
-        t0 = time.perf_counter()
+        t0 = now()
         method.posthoc_fit(dm)
-        out["posthoc_s"] = time.perf_counter() - t0
+        out["posthoc_s"] = now() - t0
         if kfac_s:
             out["kfac_s"] = sum(kfac_s)
         trainer = build_trainer(cfg, run, False, [], inference_mode=not getattr(method, "needs_grad_in_predict", False))
-        t0 = time.perf_counter()
+        t0 = now()
         res = predict(trainer, method, dm, "test")
-        out["test_s"] = time.perf_counter() - t0
-    out.update(acc=float(np.mean(res["probs"].argmax(1) == res["labels"])), state_floats=_floats(method.method_state_dict()),
-               peak_rss_mb=maxrss_mb(), load_after=os.getloadavg()[0])
+        out["test_s"] = now() - t0
+    out.update(acc=float(np.mean(res["probs"].argmax(1) == res["labels"])),
+               state_floats=_floats(method.method_state_dict()), peak_rss_mb=maxrss_mb(),
+               load_after=os.getloadavg()[0])
     return out
 
 
@@ -328,8 +340,8 @@ def cost_table(sizes: dict, datasets: list[str], names: list[str], quick: bool) 
                 if name == "map":
                     job["save_adapter"] = adapter
                 rows[name] = run_worker(job)
-                print(f"  {data} {name}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()})}",
-                      flush=True)
+                shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[name].items()}
+                print(f"  {data} {name}: {json.dumps(shown)}", flush=True)
         out[data] = {"rows": rows, "ratios": ratios(rows, names, specs)}
     return out
 
@@ -370,13 +382,13 @@ def print_costs(res: dict, names: list[str]) -> None:
         f"{d} ({DATASETS[d]}): {res[d]['rows']['map']['train_n']} train, {res[d]['rows']['map']['test_n']} test, "
         f"MAP epoch {res[d]['rows']['map']['train_s']:.1f} s, test pass {res[d]['rows']['map']['test_s']:.1f} s"
         for d in datasets) + ")")
-    print(f"{'method':<13}" + "".join(f"{label:>{12 * len(datasets) + 2}}" for _, label in cols))
-    print(f"{'':<13}" + "".join("  " + "".join(f"{d:>12}" for d in datasets) for _ in cols))
+    print(f"{'method':<13}" + "".join(f"{label:>{15 * len(datasets) + 2}}" for _, label in cols))
+    print(f"{'':<13}" + "".join("  " + "".join(f"{d:>15}" for d in datasets) for _ in cols))
     for name in names:
         cells = []
         for key, _ in cols:
-            cells.append("  " + "".join(f"{res[d]['ratios'][name][key]:>11.2f}x" if name in res[d]["ratios"]
-                                        else f"{'-':>12}" for d in datasets))
+            cells.append("  " + "".join(f"{res[d]['ratios'][name][key]:>14.2f}x" if name in res[d]["ratios"]
+                                        else f"{'-':>15}" for d in datasets))
         print(f"{name:<13}" + "".join(cells))
     print("post-hoc rows (laplace, laplace_ll, temperature, adue) train as MAP; their peak RSS is the larger of MAP's "
           "and their own stages'; ensemble / multiswag = M x their member row; floats = the method's saved state")
@@ -407,6 +419,8 @@ def main() -> None:
     ap.add_argument("--skip-cloze", action="store_true", help="only the cost table")
     ap.add_argument("--model", default=MODEL, help="conf/model name (tiny_llama: a fast check of the code paths)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: torch's)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="seconds measured: wall clock, or the worker's CPU time (a shared machine: with --threads 1)")
     ap.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/llm_cost_<time>.json)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -419,8 +433,10 @@ def main() -> None:
     MODEL = args.model
     if args.threads:
         os.environ["LLM_COST_THREADS"] = str(args.threads)
+    os.environ["LLM_COST_CLOCK"] = args.clock
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    out_path = Path(args.out or ROOT / "benchmarks" / "results" / f"llm_cost{'_quick' if args.quick else ''}_{stamp}.json")
+    name = f"llm_cost{'_quick' if args.quick else ''}_{stamp}.json"
+    out_path = Path(args.out or ROOT / "benchmarks" / "results" / name)
     if out_path.exists():  # never overwrite another run's results
         sys.exit(f"error: --out {out_path} exists (another run's results); choose a new file name")
     sizes = SIZES["quick" if args.quick else "full"]
@@ -429,7 +445,7 @@ def main() -> None:
     import torch
 
     result = {"model": MODEL, "quick": args.quick, "sizes": sizes, "started": stamp, "cpus": os.cpu_count(),
-              "threads": args.threads or torch.get_num_threads(), "load_at_start": os.getloadavg()}
+              "threads": args.threads or torch.get_num_threads(), "clock": args.clock, "load_at_start": os.getloadavg()}
     cloze = None
     if not args.skip_cloze:
         cloze = result["cloze"] = cloze_table(sizes)
@@ -444,8 +460,9 @@ def main() -> None:
     result.update(load_at_end=os.getloadavg(), total_s=round(time.perf_counter() - t0, 1))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
-    print(f"\n{result['total_s']:.0f} s; load average at start {result['load_at_start'][0]:.1f}, at end "
-          f"{result['load_at_end'][0]:.1f} ({result['cpus']} CPUs); wrote {out_path}")
+    print(f"\n{result['total_s']:.0f} s; seconds above: {args.clock} clock, {result['threads']} torch thread(s) per "
+          f"worker; load average at start {result['load_at_start'][0]:.1f}, at end {result['load_at_end'][0]:.1f} "
+          f"({result['cpus']} CPUs); wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ class Collator:
         if self.head == "lm_cloze":
             make = packed_batch if self.cloze_impl == "packed" else separate_batch
             batch = make(self.tok, records, self.cloze_template, self.C, self.max_length)
-            batch["choice_mask"] = self._choice_mask([{"choices": cloze_pairs(r, self.cloze_template)} for r in records])
+            pairs = [{"choices": cloze_pairs(r, self.cloze_template)} for r in records]
+            batch["choice_mask"] = self._choice_mask(pairs)
         elif self.head == "mc_classifier":  # encoders: every (question, choice) pair, padded to C pairs
             qs, cs = [], []
             for r in records:

@@ -1,6 +1,7 @@
 """Backbone = pretrained transformer + LoRA adapters (peft) + one of four heads.
 
-Every backbone (base class: :class:`uqlora.models.base.Backbone`) exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, d]``:
+Every backbone (base class :class:`uqlora.models.base.Backbone`) exposes ``logits(batch) -> [B, C]`` and
+``features(batch) -> [B, d]``:
 
 * ``classifier``  -- a linear head on the [CLS] token (``pooling=cls``), the mean of the tokens
   (``mean``) or the last non-pad token (``last``, decoders, as AdUE does);
