@@ -14,16 +14,17 @@ from omegaconf import DictConfig  # noqa: E402
 
 from uqlora.cli import guard, precheck  # noqa: E402
 from uqlora.config import register_configs  # noqa: E402
+from uqlora.context import RunContext  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(config_path="conf", config_name="eval", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from uqlora.pipeline import evaluate_run
+    from uqlora.tasks import evaluate_run
 
     with guard():
-        evaluate_run(cfg)
+        evaluate_run(cfg, RunContext.from_hydra())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from uqlora.errors import UqloraError
 from uqlora.methods.base import smoothed_cross_entropy
 from uqlora.methods.ual import map_uncertainty
 from uqlora.metrics import evaluate_error_detection
-from uqlora.pipeline import train
+from uqlora.tasks import train
 
 F64 = torch.float64
 
@@ -167,11 +167,11 @@ def test_ual_teacher_uncertainties_are_cached_and_reused(tmp_path, monkeypatch):
     cached = json.loads(open(post["teacher_cache"]).read())
     assert len(cached["u"]) == 48 and len(cached["identity"]["members"]) == 2
     # the teacher's normalised entropy of its pooled predictive on the training examples
-    from uqlora import pipeline
+    from uqlora.sources import RunAccess
 
     calls = []
-    real = pipeline.run_predictions
-    monkeypatch.setattr(pipeline, "run_predictions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = RunAccess.predictions
+    monkeypatch.setattr(RunAccess, "predictions", lambda *a, **k: calls.append(1) or real(*a, **k))
     m2, o2 = train(_cfg(tmp_path, "ual2", *args))
     post2 = json.loads((o2["run_dir"] / "results.json").read_text())["train"]["posthoc"]
     assert post2["teacher_cache_hit"] is True and post2["teacher_cache"] == post["teacher_cache"] and not calls

@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 
 def _in_process(tmp_path, name, *overrides):
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     cfg = compose(list(overrides))
     with open_dict(cfg):
@@ -183,7 +183,7 @@ def test_kfac_factors_summed_across_two_processes_equal_one_process(tmp_path):
 
 # --- the pipeline under DDP ---------------------------------------------------------------------------------
 def test_ddp_outside_a_script_fails_with_one_line(tmp_path):
-    from uqlora.pipeline import build_trainer
+    from uqlora.build import build_trainer
 
     cfg = compose([*RUN, *DDP])
     with pytest.raises(UqloraError, match="python train.py"):
@@ -196,7 +196,7 @@ def test_sharded_strategies_are_refused_before_fit(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from uqlora.methods.base import UQMethod
-    from uqlora.pipeline import build_trainer
+    from uqlora.build import build_trainer
 
     module = lambda strategy: SimpleNamespace(trainer=SimpleNamespace(strategy=strategy))  # noqa: E731
     with pytest.raises(UqloraError, match="use trainer=ddp"):
@@ -211,7 +211,7 @@ def test_ddp_two_processes_match_one_process_laplace(tmp_path):
     """Acceptance: 2 gloo processes vs 1 process -- same MAP adapter, same KFAC posterior, same test metrics;
     the DDP factors also equal a single-process KFAC fit on the DDP run's own adapter."""
     from uqlora.core.kfac import fit_kfac, select_layers
-    from uqlora.pipeline import setup
+    from uqlora.build import setup
 
     ddp = tmp_path / "ddp"
     _ddp_run(ddp, *RUN, "method=laplace", "data.batch_size=16", *DDP)

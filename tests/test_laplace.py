@@ -14,7 +14,7 @@ from test_swag import _cfg, _eval, _save_hydra
 from uqlora.core.kfac import Factor, capture, fit_kfac, per_example_jacobians, select_layers
 from uqlora.core.laplace import KronPosterior, glm_predictive
 from uqlora.errors import UqloraError
-from uqlora.pipeline import train
+from uqlora.tasks import train
 
 F64 = torch.float64
 D_IN, R, H, C = 5, 2, 4, 3

@@ -1,10 +1,14 @@
 """The LightningModule every method derives from: training with the (label-smoothed)
 cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the predictive interface
 
-* ``posthoc_fit(datamodule)``  -- optional second stage on the calib split (no-op here);
+* ``prepare_fit(datamodule, runs)`` -- before training (``runs``: access to other finished runs' predictions);
+* ``posthoc_fit(datamodule)``  -- the stage after training (post-hoc methods: :mod:`uqlora.methods.posthoc`);
 * ``predictive(batch) -> probs [B, C]``;
 * ``predictive_samples(batch) -> [S, B, C] | None`` for methods that sample;
-* ``method_state_dict()`` / ``load_method_state_dict()`` -- the fitted post-hoc state (tensors only).
+* ``method_state_dict()`` / ``load_method_state_dict()`` -- the fitted state (tensors and plain values only).
+
+A method predicts only once it is fitted (``posthoc_fit`` ran, or a saved state was loaded); before that,
+prediction raises a one-line error.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ class UQMethod(pl.LightningModule):
     trains = True  # False for purely post-hoc methods on a frozen model
     restore_best_after_fit = True  # evaluate the adapter of the best validation loss
     strict_loading = False  # Lightning checkpoints hold only the trainable tensors (see on_save_checkpoint)
+    probability_scores: tuple[str, ...] = ()  # per-example u_* outputs meant as P(error) (their ECE is reported)
 
     def __init__(self, backbone, cfg):
         super().__init__()
@@ -164,6 +169,24 @@ class UQMethod(pl.LightningModule):
     def predictive_samples(self, batch) -> torch.Tensor | None:
         return None
 
+    def require_fitted(self) -> None:
+        if not self.fitted:
+            raise UqloraError(f"method '{self.name}' predicts before it was fitted: run its fit (train.py) or load "
+                              "a saved state (eval.py run_dir=...) first")
+
+    def on_predict_start(self):
+        self.require_fitted()
+        self.start_predict()
+
+    def on_predict_end(self):
+        self.end_predict()
+
+    def start_predict(self) -> None:
+        """Before a prediction pass (e.g. draw the S weight samples shared by every batch)."""
+
+    def end_predict(self) -> None:
+        """After a prediction pass (e.g. put the point estimate back)."""
+
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
         samples = self.predictive_samples(batch)
         if samples is not None:  # the predictive of a sampling method is the mean of its sampled probabilities
@@ -221,8 +244,9 @@ class UQMethod(pl.LightningModule):
                               f"unexpected, {len(wrong)} wrong-shape tensors, e.g. '{first}'): it was saved from a "
                               "different model/head/LoRA config")
 
-    def prepare_fit(self, datamodule) -> None:
-        """Called before training (e.g. UAL attaches per-example label smoothing to the train records); here:
+    def prepare_fit(self, datamodule, runs=None) -> None:
+        """Called before training (e.g. UAL attaches per-example label smoothing to the train records, from the
+        predictions of a teacher run that ``runs`` -- a :class:`uqlora.sources.RunAccess` -- evaluates); here:
         the entropy-subset flag of every training record, when ``loss.entropy_subset`` is not ``all``."""
         if not self.entropy_weight and not self.entropy_weight_rest:
             return

@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 from uqlora.methods import register
 from uqlora.methods.base import UQMethod
+from uqlora.schema import MethodConfig
 
 
 @dataclass
-class MapConfig:
+class MapConfig(MethodConfig):
     name: str = "map"
+    display_name: str = "MAP"
 
 
 @register("map", MapConfig)

@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -43,54 +42,43 @@ import numpy as np
 import torch
 
 from uqlora.core.adue import normalized_entropy, sr_uncertainty
+from uqlora.core.ual import map_uncertainty
 from uqlora.errors import UqloraError
 from uqlora.methods import register
 from uqlora.methods.base import UQMethod, smoothed_cross_entropy
+from uqlora.schema import HALF_OPEN_UNIT, Choice, MethodConfig, rule
 
 log = logging.getLogger(__name__)
-SOURCES = ("column", "teacher")
-MAPPINGS = ("mean_scaled", "linear")
-TEACHER_SCORES = ("entropy", "sr")
+
+
+class Source(Choice):
+    column = "column"
+    teacher = "teacher"
+
+
+class TeacherScore(Choice):
+    entropy = "entropy"
+    sr = "sr"
+
+
+class Mapping(Choice):
+    mean_scaled = "mean_scaled"
+    linear = "linear"
 
 
 @dataclass
-class UALConfig:
+class UALConfig(MethodConfig):
     name: str = "ual"
-    uncertainty_source: str = "teacher"  # column | teacher
+    display_name: str = "UAL"
+    uncertainty_source: Source = Source.teacher  # column | teacher
     teacher_run: Optional[str] = None    # run directory whose predictive gives u (source=teacher)
-    teacher_score: str = "entropy"       # entropy | sr
-    mapping: str = "mean_scaled"         # mean_scaled (authors' code) | linear
-    eps_mean: float = 0.1                # mean_scaled: mean smoothing over the training set
-    eps_cap: float = 0.99                # mean_scaled: largest eps
-    eps_min: float = 0.0                 # linear
-    eps_max: float = 0.3                 # linear
+    teacher_score: TeacherScore = TeacherScore.entropy  # entropy | sr
+    mapping: Mapping = Mapping.mean_scaled  # mean_scaled (authors' code) | linear
+    eps_mean: float = rule(0.1, HALF_OPEN_UNIT)   # mean_scaled: mean smoothing over the training set
+    eps_cap: float = rule(0.99, HALF_OPEN_UNIT)   # mean_scaled: largest eps
+    eps_min: float = rule(0.0, HALF_OPEN_UNIT)    # linear
+    eps_max: float = rule(0.3, HALF_OPEN_UNIT)    # linear
     cache_dir: Optional[str] = None      # teacher cache; null: $UQLORA_CACHE_DIR or ~/.cache/uqlora
-
-
-def map_uncertainty(u: np.ndarray, mapping: str, eps_mean: float = 0.1, eps_cap: float = 0.99,
-                    eps_min: float = 0.0, eps_max: float = 0.3) -> np.ndarray:
-    """Per-example smoothing from uncertainties in [0, 1] (see the module docstring)."""
-    u = np.asarray(u, dtype=np.float64)
-    if u.size == 0 or not np.isfinite(u).all() or u.min() < 0 or u.max() > 1:
-        raise UqloraError("UAL uncertainties must be finite values in [0, 1]")
-    if mapping == "linear":
-        if not 0.0 <= eps_min <= eps_max < 1.0:
-            raise UqloraError(f"method.eps_min/eps_max must satisfy 0 <= eps_min <= eps_max < 1, got {eps_min}, {eps_max}")
-        return eps_min + (eps_max - eps_min) * u
-    if mapping != "mean_scaled":
-        raise UqloraError(f"unknown method.mapping '{mapping}'; valid choices: {', '.join(MAPPINGS)}")
-    if not 0.0 <= eps_mean <= eps_cap < 1.0:
-        raise UqloraError(f"method.eps_mean/eps_cap must satisfy 0 <= eps_mean <= eps_cap < 1, got {eps_mean}, {eps_cap}")
-    if eps_mean == 0.0:
-        return np.zeros_like(u)
-    if u.mean() <= 0:  # no example is uncertain: nothing to rank by, smooth uniformly
-        return np.full_like(u, eps_mean)
-    eps = u.copy()
-    for _ in range(1000):
-        eps = np.minimum(eps / eps.mean() * eps_mean, eps_cap)
-        if abs(eps.mean() - eps_mean) < 1e-3:
-            break
-    return eps
 
 
 def _cache_root(c) -> Path:
@@ -99,32 +87,21 @@ def _cache_root(c) -> Path:
     return (Path(c.cache_dir).expanduser() if c.get("cache_dir") else cache_dir()) / "ual"
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "-"
+def teacher_identity(runs, teacher_run: str, score: str, data_name: str, ids: list[str]) -> dict:
+    return {"teacher_run": str(Path(teacher_run).resolve()), "members": runs.fingerprint(teacher_run),
+            "score": str(score), "data": data_name, "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
 
 
-def teacher_identity(teacher_run: str, score: str, data_name: str, ids: list[str]) -> dict:
-    from uqlora.pipeline import member_dirs
-
-    src = Path(teacher_run).resolve()
-    members = [{"adapter": _file_digest(d / "checkpoints" / "adapter.pt"),
-                "method_state": _file_digest(d / "checkpoints" / "method_state.pt")} for d in member_dirs(src)]
-    return {"teacher_run": str(src), "members": members, "score": score, "data": data_name,
-            "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest()}
-
-
-def teacher_uncertainty(c, cfg, records: list[dict], work_dir: Path) -> tuple[np.ndarray, dict]:
-    """u_i of ``records`` from the teacher run's predictive, read from the cache when present."""
+def teacher_uncertainty(c, cfg, records: list[dict], runs) -> tuple[np.ndarray, dict]:
+    """u_i of ``records`` from the teacher run's predictive (``runs``: a :class:`uqlora.sources.RunAccess`),
+    read from the cache when present."""
     from uqlora.io import atomic_json
-    from uqlora.pipeline import run_predictions
 
     if not c.teacher_run:
         raise UqloraError("method=ual with uncertainty_source=teacher needs method.teacher_run=<run directory>; "
                           "or use uncertainty_source=column")
-    if c.teacher_score not in TEACHER_SCORES:
-        raise UqloraError(f"unknown method.teacher_score '{c.teacher_score}'; valid choices: {', '.join(TEACHER_SCORES)}")
     ids = [str(r["id"]) for r in records]
-    ident = teacher_identity(str(c.teacher_run), c.teacher_score, str(cfg.data.name), ids)
+    ident = teacher_identity(runs, str(c.teacher_run), c.teacher_score, str(cfg.data.name), ids)
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
     path = _cache_root(c) / f"{cfg.data.name}-{key}.json"
     if path.is_file():
@@ -133,7 +110,7 @@ def teacher_uncertainty(c, cfg, records: list[dict], work_dir: Path) -> tuple[np
             log.info("UAL: teacher uncertainties read from %s", path)
             return np.asarray(cached["u"], dtype=np.float64), {"teacher_cache": str(path), "teacher_cache_hit": True}
     log.info("UAL: evaluating teacher %s on %d training examples", c.teacher_run, len(records))
-    pred = run_predictions(c.teacher_run, cfg, records, work_dir)
+    pred = runs.predictions(c.teacher_run, records)
     probs = torch.as_tensor(pred["probs"], dtype=torch.float64)
     C = probs.shape[1]
     n_valid = torch.tensor([len(r["choices"]) if "choices" in r else C for r in records])
@@ -148,10 +125,7 @@ class UALMethod(UQMethod):
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
         c = self.mcfg
-        if c.uncertainty_source not in SOURCES:
-            raise UqloraError(f"unknown method.uncertainty_source '{c.uncertainty_source}'; valid choices: "
-                              f"{', '.join(SOURCES)}")
-        map_uncertainty(np.array([0.5]), c.mapping, float(c.eps_mean), float(c.eps_cap), float(c.eps_min),
+        map_uncertainty(np.array([0.5]), str(c.mapping), float(c.eps_mean), float(c.eps_cap), float(c.eps_min),
                         float(c.eps_max))  # validate the options before any training
         if self.label_smoothing:
             raise UqloraError(f"method=ual sets the smoothing per example; loss.label_smoothing must be 0, got "
@@ -159,7 +133,7 @@ class UALMethod(UQMethod):
         self.cfg_full = cfg
         self.tuning: dict = {}
 
-    def prepare_fit(self, datamodule) -> None:
+    def prepare_fit(self, datamodule, runs=None) -> None:
         c = self.mcfg
         datamodule.setup()
         records = datamodule.records["train"]
@@ -174,16 +148,19 @@ class UALMethod(UQMethod):
             # building/evaluating the teacher reseeds the global RNGs: restore them, so that a run that reads
             # the cache and one that computes it train identically
             py_state, np_state = random.getstate(), np.random.get_state()
-            with tempfile.TemporaryDirectory() as work, torch.random.fork_rng(devices=[]):
-                u, info = teacher_uncertainty(c, self.cfg_full, records, Path(work))
+            if runs is None:
+                raise UqloraError("method=ual with uncertainty_source=teacher needs access to the teacher run "
+                                  "(prepare_fit(datamodule, runs))")
+            with torch.random.fork_rng(devices=[]):
+                u, info = teacher_uncertainty(c, self.cfg_full, records, runs)
             random.setstate(py_state)
             np.random.set_state(np_state)
-        eps = map_uncertainty(u, c.mapping, float(c.eps_mean), float(c.eps_cap), float(c.eps_min), float(c.eps_max))
+        eps = map_uncertainty(u, str(c.mapping), float(c.eps_mean), float(c.eps_cap), float(c.eps_min), float(c.eps_max))
         datamodule.records["train"] = [dict(r, label_smoothing=float(e)) for r, e in zip(records, eps)]
         self.tuning = {**info, "u_mean": float(u.mean()), "u_std": float(u.std()), "eps_mean": float(eps.mean()),
                        "eps_min": float(eps.min()), "eps_max": float(eps.max())}
         log.info("UAL: label smoothing per example: mean %.3f, range [%.3f, %.3f]", eps.mean(), eps.min(), eps.max())
-        super().prepare_fit(datamodule)  # the entropy-subset flags, when loss.entropy_* is set
+        super().prepare_fit(datamodule, runs)  # the entropy-subset flags, when loss.entropy_* is set
 
     def loss(self, logits, batch):
         if "label_smoothing" not in batch:
