@@ -28,7 +28,7 @@ from uqlora.rundir import CONFIG_SNAPSHOT, RunDir, is_complete
 log = logging.getLogger(__name__)
 # keys that may differ without changing what a run computes: presentation / location only (skip_complete
 # compares with these) ...
-PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger",
+PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger", "method.display_name",
                 "data.num_workers", "data.data_dir", "optimized_metric")
 # ... and, for resuming, a longer schedule (extending a run is what resume is often for)
 RESUMABLE = PRESENTATION + ("train.ckpt_path", "trainer.max_epochs", "trainer.max_steps")
