@@ -82,6 +82,39 @@ def test_registry_names():
             assert info.label_names is None
 
 
+def _family_entries():
+    """(module name, entry) for every module of uqlora.data.sources that exposes ENTRIES."""
+    import importlib
+    import pkgutil
+
+    import uqlora.data.sources as sources
+
+    out = []
+    for mod in pkgutil.iter_modules(sources.__path__):
+        module = importlib.import_module(f"{sources.__name__}.{mod.name}")
+        out.extend((mod.name, entry) for entry in getattr(module, "ENTRIES", ()))
+    return out
+
+
+def test_every_family_entry_is_registered_once_and_reachable_from_the_facade():
+    """Each family module's ENTRIES reach ds.get_info / ds.available_datasets; no name is taken twice."""
+    from uqlora.data import registry, sources
+
+    entries = _family_entries()
+    names = [entry.info.name for _, entry in entries]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert sorted(names) == ds.available_datasets()
+    listed = {m.__name__.rsplit(".", 1)[1] for m in sources.FAMILIES}
+    assert {module for module, _ in entries} == listed  # a family module missing from FAMILIES fails
+    for _, entry in entries:
+        assert ds.DATASETS[entry.info.name] is entry.info
+        if entry.source is not None:  # custom datasets need files to resolve their info
+            assert ds.get_info(entry.info.name) is entry.info
+    dup = types.SimpleNamespace(__name__="dup", ENTRIES=(entries[0][1],))
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.assemble([*sources.FAMILIES, dup])
+
+
 def test_default_data_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("UQLORA_DATA_DIR", str(tmp_path))
     assert ds.default_data_dir() == tmp_path
