@@ -67,3 +67,27 @@ def test_split_streams_are_stable_and_distinct():
     assert first == split_rng(3, "test").integers(0, 2**31, size=4).tolist()
     assert first != split_rng(3, "train").integers(0, 2**31, size=4).tolist()
     assert first != split_rng(4, "test").integers(0, 2**31, size=4).tolist()
+
+
+def test_generation_splits_and_task_info():
+    """gsm8k / instruct_mix: no label checks, task 'generation' with 0 classes; val and calib carved
+    from train; the mix's test subsample keeps every record's source."""
+    from uqlora.data.datamodule import task_info
+    from uqlora.errors import DataError
+
+    if not (ds.default_data_dir() / "gsm8k").is_dir():
+        pytest.skip("no local GSM8K copy")
+    dcfg = OmegaConf.merge(compose(["data=instruct_mix"]).data, {"max_train_samples": 64, "max_test_samples": 40})
+    info = task_info(dcfg)
+    assert (info.task, info.num_classes, info.label_names) == ("generation", 0, None)
+    splits = build_splits(dcfg, 0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 64, "val": 921, "calib": 921, "test": 40}
+    assert all(r["prompt"] and r["response"] and r["source"] for v in splits.values() for r in v)
+    ids = {k: {r["id"] for r in v} for k, v in splits.items()}
+    assert not ids["train"] & ids["val"] and not ids["val"] & ids["calib"] and not ids["test"] & ids["train"]
+    assert _ids(build_splits(OmegaConf.merge(dcfg, {"max_train_samples": None}), 0)["test"]) == _ids(splits["test"])
+    with pytest.raises(DataError, match="sst2.*classification dataset; a generation model cannot score it"):
+        build_splits(OmegaConf.merge(dcfg, {"ood": "sst2"}), 0)
+    gsm = build_splits(OmegaConf.merge(compose(["data=gsm8k"]).data, {"max_test_samples": 5, "ood": "instruct",
+                                                                       "max_ood_samples": 3}), 0)
+    assert len(gsm["test"]) == 5 and {r["source"] for r in gsm["ood"]} <= {"gpteacher", "self_instruct"}

@@ -11,6 +11,10 @@ Where each split comes from (``data.*``):
 * ``ood``   -- optional: ``data.ood`` names another dataset whose ``ood_split`` is scored as
   out-of-distribution (multiple-choice questions become plain texts for classification models).
 
+Generation datasets (task ``generation``: gsm8k, instruct, instruct_mix) have no labels: their records
+are checked for a ``prompt`` and a ``response`` instead, and ``task_info`` reports ``num_classes`` 0 and
+no label names.
+
 Randomness: every split draws from its own stream, ``numpy.random.default_rng([seed, crc32(name)])``
 (:func:`split_rng`): the carve of train into calib / val / train uses the stream ``"carve"``, and each
 split's subsample (``max_<split>_samples``) the stream of its own name. So the same seed gives the same
@@ -102,9 +106,13 @@ def _test_split(name: str, avail: list[str]) -> str:
 def _load_ood(dcfg, task: str, data_dir) -> list[dict]:
     ood_opts = dict(dcfg.get("ood_options") or {})
     ood = ds.load_split(dcfg.ood, dcfg.get("ood_split", "test"), data_dir, **ood_opts)
-    if task == "classification":
+    ood_task = ds.get_info(dcfg.ood, **ood_opts).task
+    if (task == ds.GENERATION) != (ood_task == ds.GENERATION):
+        raise DataError(f"data.ood='{dcfg.ood}' is a {ood_task} dataset; a {task} model cannot score it "
+                        "(generation and label tasks do not mix)")
+    if task == ds.CLASSIFICATION:
         return [_as_classification(r) for r in ood]
-    if "choices" not in ood[0]:
+    if task == ds.MULTIPLE_CHOICE and "choices" not in ood[0]:
         raise DataError(f"data.ood='{dcfg.ood}' is a classification dataset; a multiple-choice model cannot score it")
     return ood
 
@@ -130,13 +138,27 @@ def build_splits(dcfg, seed: int) -> dict[str, list[dict]]:
         out["ood"] = _load_ood(dcfg, info.task, data_dir)
     for split in out:
         out[split] = _subsample(out[split], dcfg.get(f"max_{split}_samples"), split_rng(seed, split))
+    _check_splits(name, info, out, calib_wanted=len(calib_idx) > 0)
+    return out
+
+
+def _check_splits(name: str, info: TaskInfo, out: dict[str, list[dict]], calib_wanted: bool) -> None:
+    """No split is empty (calib only when it was asked for); labels in range, or generation texts present."""
     for split, recs in out.items():
-        if not recs and (split != "calib" or len(calib_idx)):
+        if not recs and (split != "calib" or calib_wanted):
             raise DataError(f"split '{split}' of dataset '{name}' is empty after carving/subsampling; "
                             f"check data.max_{split}_samples / data.{split}_size")
-        if split != "ood":
+        if info.task == ds.GENERATION:
+            _check_generation(name, split, recs)
+        elif split != "ood":
             _check_labels(name, split, recs, info.num_classes)
-    return out
+
+
+def _check_generation(name, split, recs):
+    bad = [r for r in recs if not (isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str))]
+    if bad:
+        raise DataError(f"dataset '{name}' split '{split}': record {bad[0].get('id')} has no prompt/response text "
+                        "(a generation dataset needs both)")
 
 
 def _check_labels(name, split, recs, C):

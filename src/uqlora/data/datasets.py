@@ -30,6 +30,16 @@ multiple_choice::
 ``"cloze"`` (``[[context, continuation], ...]``, one pair per choice, for partial scoring;
 WinoGrande) and ``"subject"`` (MMLU).
 
+generation::
+
+    {"id": str, "prompt": str, "input": str | None, "response": str, "source": str}
+
+``prompt`` is the instruction (or the math question), ``input`` its optional input, ``response`` the
+reference answer and ``source`` where the record comes from (``gsm8k``, ``gpteacher``,
+``self_instruct``; ``lima`` from the hub), so a mixture (``instruct_mix``) can be scored per source.
+GSM8K records also carry ``"answer_number"``: the final number of the worked answer, a string without
+thousands separators. ``DatasetInfo.num_classes`` is 0 and ``label_names`` None for generation.
+
 Split mapping
 -------------
 Our split names are ``train``, ``validation`` and ``test`` (plus ``test_ood`` for CoLA). Where the
@@ -38,7 +48,7 @@ split (a caller that needs one carves it from train). Each family module's docst
 file and which hub split feeds each split, and ``DatasetInfo.splits`` documents every split.
 
 Options (``load_split(name, split, data_dir, **options)``): ``mmlu``: ``subjects``; ``agnews``:
-``include_title``; ``custom_classification`` / ``custom_multiple_choice``: ``files`` and a column
+``include_title``; ``instruct`` / ``instruct_mix``: ``sources``; ``custom_classification`` / ``custom_multiple_choice``: ``files`` and a column
 mapping (:mod:`uqlora.data.sources.custom`).
 
 Every user-facing failure is a one-line :class:`~uqlora.errors.DataError` naming the
@@ -59,7 +69,7 @@ from uqlora.data.registry import (
     verify_files,
 )
 from uqlora.data.sources.agnews import CLASSES as AGNEWS_CLASSES
-from uqlora.data.sources.common import CLASSIFICATION, MULTIPLE_CHOICE, DatasetInfo, Record
+from uqlora.data.sources.common import CLASSIFICATION, GENERATION, MULTIPLE_CHOICE, DatasetInfo, Record
 from uqlora.data.sources.mmlu import SUBJECTS as MMLU_SUBJECTS
 from uqlora.data.sources.newsgroups import GROUPS as NEWSGROUPS
 from uqlora.data.sources.sst5 import CLASSES as SST5_CLASSES
@@ -70,6 +80,7 @@ __all__ = [
     "CLASSIFICATION",
     "DATASETS",
     "ENV_DATA_DIR",
+    "GENERATION",
     "MMLU_SUBJECTS",
     "MULTIPLE_CHOICE",
     "NEWSGROUPS",

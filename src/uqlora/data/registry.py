@@ -5,7 +5,8 @@ functions that read it: :func:`get_info`, :func:`available_datasets`, :func:`ava
 
 Each dataset is read from ``<data dir>/<info.local_dir>`` when that folder exists, else from the
 Hugging Face hub (:mod:`uqlora.data.sources.hub`); the custom datasets read the user's files
-(:mod:`uqlora.data.sources.custom`). Every user-facing failure is a one-line
+(:mod:`uqlora.data.sources.custom`); a mixture (:class:`~uqlora.data.sources.common.Mixture`, e.g.
+``instruct_mix``) reads each of its parts as its own dataset. Every user-facing failure is a one-line
 :class:`~uqlora.errors.DataError` naming the bad value and the valid choices.
 """
 
@@ -19,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from uqlora.data.sources import FAMILIES, custom
-from uqlora.data.sources.common import DatasetInfo, Entry, Source, choices_list, require_file
+from uqlora.data.sources.common import DatasetInfo, Entry, Mixture, Source, choices_list, require_file
 from uqlora.data.sources.hub import load_from_hub
 from uqlora.errors import DataError
 
@@ -28,7 +29,8 @@ CHECKSUMS_FILE = "SHA256SUMS"
 
 
 def assemble(families: Iterable[ModuleType]) -> dict[str, Entry]:
-    """Name -> entry over every family's ``ENTRIES``; a name registered twice is an error."""
+    """Name -> entry over every family's ``ENTRIES``; a name registered twice, or a mixture of an
+    unregistered part, is an error."""
     entries: dict[str, Entry] = {}
     for family in families:
         for entry in family.ENTRIES:
@@ -36,12 +38,16 @@ def assemble(families: Iterable[ModuleType]) -> dict[str, Entry]:
             if name in entries:
                 raise ValueError(f"dataset '{name}' is registered twice (again in {family.__name__})")
             entries[name] = entry
+    for name, entry in entries.items():
+        missing = [p for p in getattr(entry.source, "parts", ()) if p not in entries]
+        if missing:
+            raise ValueError(f"mixture '{name}' has unregistered parts: {', '.join(missing)}")
     return entries
 
 
 ENTRIES = assemble(FAMILIES)
 DATASETS: dict[str, DatasetInfo] = {name: e.info for name, e in ENTRIES.items()}
-_SOURCES: dict[str, Source] = {name: e.source for name, e in ENTRIES.items() if e.source is not None}
+_SOURCES: dict[str, Source | Mixture] = {n: e.source for n, e in ENTRIES.items() if e.source is not None}
 
 
 def available_datasets() -> list[str]:
@@ -121,6 +127,8 @@ def available_splits(name: str, data_dir: str | Path | None = None, **options: A
     if name in custom.OPTIONS:
         return list(custom.files_of(name, options))
     info, source = DATASETS[name], _SOURCES[name]
+    if isinstance(source, Mixture):
+        return _mixture_splits(source, data_dir)
     folder = _resolve_data_dir(data_dir) / info.local_dir
     return list(source.local_files if folder.is_dir() else source.hub_splits)
 
@@ -140,6 +148,8 @@ def load_split(
     if name in custom.OPTIONS:
         return custom.load(name, split, data_dir, options)
     source = _SOURCES[name]
+    if isinstance(source, Mixture):
+        return _load_mixture(name, source, split, data_dir, options)
     folder = _resolve_data_dir(data_dir) / info.local_dir
     local = folder.is_dir()
     splits = source.local_files if local else source.hub_splits
@@ -153,6 +163,28 @@ def load_split(
         path = require_file(folder / source.local_files[split], name)
         return source.read_local(path, split, options, name)
     return load_from_hub(info, source, split, folder, options)
+
+
+def _mixture_splits(mixture: Mixture, data_dir: str | Path | None) -> list[str]:
+    """The splits every part has, in the first part's order."""
+    per_part = [available_splits(part, data_dir) for part in mixture.parts]
+    return [s for s in per_part[0] if all(s in other for other in per_part[1:])]
+
+
+def _load_mixture(
+    name: str, mixture: Mixture, split: str, data_dir: str | Path | None, options: Mapping[str, Any]
+) -> list[dict]:
+    splits = _mixture_splits(mixture, data_dir)
+    if split not in splits:
+        raise DataError(
+            f"dataset '{name}' has no split '{split}' (a mixture of {', '.join(mixture.parts)}); "
+            f"valid splits: {choices_list(splits)}"
+        )
+
+    def load(part: str, part_split: str, **part_options: Any) -> list[dict]:
+        return load_split(part, part_split, data_dir, **part_options)
+
+    return mixture.read(load, split, options)
 
 
 def _listed_checksums(sums: Path) -> dict[str, str]:
@@ -175,10 +207,17 @@ def verify_files(name: str, data_dir: str | Path | None = None) -> dict[str, str
     the checksum list does not mention are hashed but not checked."""
     if name in custom.OPTIONS or name not in DATASETS:
         return {}
+    source = _SOURCES[name]
+    if isinstance(source, Mixture):
+        return {rel: h for part in source.parts for rel, h in verify_files(part, data_dir).items()}
     root = _resolve_data_dir(data_dir)
     folder = root / DATASETS[name].local_dir
-    if not folder.is_dir():
-        return {}
+    return _hash_folder(folder, root) if folder.is_dir() else {}
+
+
+def _hash_folder(folder: Path, root: Path) -> dict[str, str]:
+    """``{path relative to root: sha256}`` of every file under ``folder``, checked against the
+    ``SHA256SUMS`` of ``root`` where it lists the file."""
     sums = root / CHECKSUMS_FILE
     listed = _listed_checksums(sums)
     out = {}

@@ -9,6 +9,9 @@ from uqlora.data.sources import (
     cqa,
     custom,
     glue,
+    gsm8k,
+    instruct,
+    mix,
     mmlu,
     newsgroups,
     obqa,
@@ -17,4 +20,7 @@ from uqlora.data.sources import (
     winogrande,
 )
 
-FAMILIES = (arc, obqa, winogrande, boolq, cqa, mmlu, glue, sst5, agnews, newsgroups, tweeteval, custom)
+FAMILIES = (
+    arc, obqa, winogrande, boolq, cqa, mmlu, glue, sst5, agnews, newsgroups, tweeteval, custom,
+    gsm8k, instruct, mix,
+)  # fmt: skip

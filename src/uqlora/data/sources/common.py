@@ -19,6 +19,7 @@ from uqlora.errors import DataError
 
 CLASSIFICATION = "classification"
 MULTIPLE_CHOICE = "multiple_choice"
+GENERATION = "generation"
 HINT = "set paths.data_dir or UQLORA_DATA_DIR"
 
 Record = dict[str, Any]
@@ -31,12 +32,12 @@ class DatasetInfo:
     """Static description of one dataset of the registry."""
 
     name: str  # registry key, e.g. "arc_e"
-    task: str  # "classification" | "multiple_choice"
-    num_classes: int  # classes, or the MAX number of choices for multiple choice
+    task: str  # "classification" | "multiple_choice" | "generation"
+    num_classes: int  # classes, or the MAX number of choices for multiple choice; 0 for generation
     label_names: tuple[str, ...] | None  # class names (label words); None for MC
     hub_id: str
     hub_config: str | None
-    local_dir: str  # relative to the data dir, e.g. "arc/ARC-Easy"
+    local_dir: str  # relative to the data dir, e.g. "arc/ARC-Easy" ("" for custom and mixtures)
     splits: dict[str, str]  # split -> where it comes from (local; hub)
     description: str
 
@@ -56,11 +57,22 @@ class Source:
     options: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Mixture:
+    """A dataset made of other registered datasets: every split is the concatenation of the parts'
+    splits (in ``parts`` order); ``read(load, split, options)`` gets ``load(part, split, **options)``
+    (the registry's ``load_split`` with the data dir bound) and returns the mixture's records."""
+
+    parts: tuple[str, ...]
+    read: Callable[..., list[Record]]
+    options: tuple[str, ...] = ()
+
+
 class Entry(NamedTuple):
     """One registry entry; ``source`` is None for datasets read from user files (custom)."""
 
     info: DatasetInfo
-    source: Source | None
+    source: Source | Mixture | None
 
 
 def hub_simple(row_fn: Callable[[Mapping[str, Any], str, int], Record]):
@@ -168,6 +180,12 @@ def mc_record(
         "label": choice_labels.index(answer),
         "choice_labels": list(choice_labels),
     }
+
+
+def gen_record(rid: str, prompt: str, response: str, source: str, input_text: str | None = None) -> Record:
+    """A generation record: an instruction (``prompt``), an optional ``input`` (None when empty), the
+    reference ``response`` and the ``source`` it comes from (e.g. ``gsm8k``, ``gpteacher``)."""
+    return {"id": rid, "prompt": prompt, "input": input_text or None, "response": response, "source": source}
 
 
 def hub_text_label_row(row, split: str, i: int) -> Record:
