@@ -10,11 +10,11 @@ import torch
 from torch.nn import functional as F
 
 from test_swag import _cfg, _eval, _save_hydra
-from uqlora.core.adue import (AdUEHead, Cached, Mahalanobis, adue_loss, grid_search, normalized_entropy,
-                              smoothmax_uncertainty, sr_uncertainty)
+from uqlora.core.adue import AdUEHead, Cached, Mahalanobis, adue_loss, grid_search, smoothmax_uncertainty
+from uqlora.core.scores import normalized_entropy, sr_uncertainty
 from uqlora.errors import UqloraError
 from uqlora.methods.base import smoothed_cross_entropy
-from uqlora.methods.ual import map_uncertainty
+from uqlora.core.ual import map_uncertainty
 from uqlora.metrics import evaluate_error_detection
 from uqlora.tasks import train
 

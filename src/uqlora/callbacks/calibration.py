@@ -1,4 +1,5 @@
-"""Calibration during training: validation ECE every epoch, and reliability diagrams to W&B."""
+"""Calibration during training: the reliability diagram of the last validation pass, saved and sent to W&B
+(the validation ECE itself is a torchmetrics metric of the method module, ``val/ece``)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +7,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from uqlora.metrics import ece, reliability_diagram
+from uqlora.metrics import reliability_diagram
 
 
 class CalibrationCallback(pl.Callback):
-    """Logs ``val/ece`` after every validation and, at the end of fit, the reliability diagram of the
-    last validation pass (``plots/reliability_val.png``, also to W&B)."""
+    """At the end of fit, the reliability diagram of the last validation pass (``plots/reliability_val.png``,
+    also to W&B), over the whole validation split (all DDP processes' shares)."""
 
     def __init__(self, plot_dir: str | Path, n_bins: int = 15):
         self.plot_dir, self.n_bins = Path(plot_dir), int(n_bins)
@@ -38,7 +39,6 @@ class CalibrationCallback(pl.Callback):
             dist.all_gather_object(parts, (probs, labels))
             probs, labels = torch.cat([p for p, _ in parts]), torch.cat([y for _, y in parts])
         self.last = (probs, labels)
-        pl_module.log("val/ece", ece(probs, labels, n_bins=self.n_bins), prog_bar=True)
 
     def on_fit_end(self, trainer, pl_module):
         if self.last is None:

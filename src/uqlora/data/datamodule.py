@@ -220,6 +220,3 @@ class UQDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self.loader("val")
-
-    def test_dataloader(self):
-        return self.loader("test")

@@ -19,7 +19,8 @@ from typing import List
 
 import torch
 
-from uqlora.core.adue import (AdUEHead, Cached, Mahalanobis, grid_search, normalized_entropy, sr_uncertainty)
+from uqlora.core.adue import AdUEHead, Cached, Mahalanobis, grid_search
+from uqlora.core.scores import normalized_entropy, sr_uncertainty
 from uqlora.errors import UqloraError
 from uqlora.methods import register
 from uqlora.methods.posthoc import PostHocConfig, PostHocMethod

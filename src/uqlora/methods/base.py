@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 
+from uqlora.core.scores import entropy_of_logits
 from uqlora.errors import UqloraError
 
 
@@ -40,10 +41,7 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: floa
     return ((1 - eps) * nll + eps * smooth).mean()
 
 
-def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` per example [B]; masked choices (-1e9) contribute 0."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+predictive_entropy = entropy_of_logits  # the entropy term of the loss (kept under its old name)
 
 
 ENTROPY_SUBSETS = ("all", "labels:<k>[,<k>...]", "ids:<file with one example id per line>")
@@ -99,6 +97,12 @@ class UQMethod(pl.LightningModule):
         self.precision = str(cfg.model.get("precision", "32-true"))
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
         self.show_progress = cfg.get("progress_bar", "rich") != "none"
+        # validation accuracy and ECE as torchmetrics: accumulated over the epoch and summed across DDP processes
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+        C = max(2, int(getattr(backbone, "num_classes", 2)))
+        self.val_acc = MulticlassAccuracy(num_classes=C, average="micro")
+        self.val_ece = MulticlassCalibrationError(num_classes=C, n_bins=int(cfg.eval.get("n_bins", 15)), norm="l1")
 
     # --- post-hoc stages run outside the Trainer: their device and autocast ------------------------------
     def fit_device(self) -> torch.device:
@@ -159,9 +163,12 @@ class UQMethod(pl.LightningModule):
         # sync_dist: under DDP every process sees the validation loss of the whole split (mean of the per-process
         # means), so best-adapter selection and early stopping decide the same on every rank (no-op otherwise)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("val/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, on_epoch=True, batch_size=n,
-                 sync_dist=True)
-        return {"probs": logits.softmax(-1).detach(), "labels": labels}
+        probs = logits.float().softmax(-1).detach()
+        self.val_acc.update(probs, labels)
+        self.val_ece.update(probs, labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=n)
+        self.log("val/ece", self.val_ece, prog_bar=True, on_epoch=True, batch_size=n)
+        return {"probs": probs, "labels": labels}
 
     def predictive(self, batch) -> torch.Tensor:
         return self(batch).softmax(-1)

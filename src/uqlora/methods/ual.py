@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from uqlora.core.adue import normalized_entropy, sr_uncertainty
+from uqlora.core.scores import normalized_entropy, sr_uncertainty
 from uqlora.core.ual import map_uncertainty
 from uqlora.errors import UqloraError
 from uqlora.methods import register
