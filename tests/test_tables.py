@@ -1,4 +1,4 @@
-"""experiments/make_tables.py on synthetic run directories with known answers: mean +- std over seeds, the
+"""uqlora.results (experiments/make_tables.py) on synthetic run directories with known answers: mean +- std over seeds, the
 best value per column in bold (max or min by metric), missing / failed / truncated / never-started runs
 reported, pooled reliability = the reliability of the concatenated predictions, one-line errors."""
 import json
@@ -10,9 +10,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import make_tables as mt  # noqa: E402
+from uqlora import results as mt
 
 
 def write_run(root, name, method="map", data="d1", seed=0, metrics=None, model="m", status=None, error=None,
