@@ -51,14 +51,17 @@ def display_name(label: str, explicit: str | None = None) -> str:
 
 def method_names(runs: Iterable) -> dict[str, str]:
     """``{label: display name}`` of ``runs``: the first ``display_name`` recorded in a run's config, else the
-    fallback of :func:`display_name`."""
+    fallback of :func:`display_name`. Labels that would print alike (``swag`` and ``swag_lora`` both as SWAG)
+    get their label added: ``SWAG (swag_lora)``."""
     explicit: dict[str, str] = {}
     labels = []
     for r in runs:
         labels.append(r.method)
         if r.display and r.method not in explicit:
             explicit[r.method] = r.display
-    return {m: display_name(m, explicit.get(m)) for m in dict.fromkeys(labels)}
+    names = {m: display_name(m, explicit.get(m)) for m in dict.fromkeys(labels)}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {m: f"{n} ({m})" if n in clash else n for m, n in names.items()}
 
 
 def _place(run) -> tuple:
