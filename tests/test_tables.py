@@ -1,6 +1,7 @@
-"""uqlora.results (experiments/make_tables.py) on synthetic run directories with known answers: mean +- std over seeds, the
-best value per column in bold (max or min by metric), missing / failed / truncated / never-started runs
-reported, pooled reliability = the reliability of the concatenated predictions, one-line errors."""
+"""uqlora.results (experiments/make_tables.py) on synthetic run directories with known answers: mean +- std
+over seeds, the best value per column in bold (max or min by metric), missing / failed / truncated /
+never-started runs reported, pooled reliability = the reliability of the concatenated predictions, one-line
+errors, the row order and display names, the sweep jobs expanded as Hydra's basic sweeper does."""
 import json
 import subprocess
 import sys
