@@ -1,7 +1,8 @@
 """The paper-style experiment suites (conf/experiment/*.yaml): every swept value composes into a valid config
 with the papers' hyper-parameters; a real multirun of one suite (tiny random model) goes through
-experiments/make_tables.py and notebooks/paper_tables.ipynb to tables, figures and a list of the runs that
-failed or never started; W&B runs are grouped by experiment and curves are logged as native W&B plots."""
+experiments/make_tables.py (uqlora.results) and notebooks/paper_tables.ipynb to tables, figures and a list of
+the runs that failed or never started; W&B runs are grouped by experiment and curves are logged as native W&B
+plots."""
 import itertools
 import json
 import os
@@ -14,9 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import make_tables  # noqa: E402
+from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
     "laplace_lora": 90, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
@@ -134,6 +133,19 @@ def test_multirun_run_dirs_name_the_method_option(tiny_sweep):
     assert res["config"]["experiment_name"] == "laplace_lora_cpu"
 
 
+def test_expected_jobs_are_the_jobs_the_sweep_launched(tiny_sweep):
+    """The suite's sweeper params (seed, data, method) overridden from the command line, expanded as Hydra's
+    basic sweeper launched them: job i's overrides.yaml is the i-th expected job."""
+    from uqlora.rundir import RunDir
+
+    dirs = sorted((RunDir(d) for d in tiny_sweep.iterdir() if RunDir(d).is_run()), key=RunDir.job_num)
+    assert [d.job_num() for d in dirs] == [0, 1, 2, 3]
+    jobs = results.expected_jobs(tiny_sweep)
+    assert jobs == [d.overrides() for d in dirs]
+    assert jobs[1][:4] == ["seed=0", "data=sst2", "method=laplace_ll", "experiment=laplace_lora_cpu"]
+    assert results.not_started(tiny_sweep, [d.path for d in dirs]) == []
+
+
 @pytest.fixture(scope="module")
 def damaged_sweep(tiny_sweep, tmp_path_factory):
     """The sweep with one run failed, one results.json truncated and one job never started."""
@@ -151,10 +163,11 @@ def damaged_sweep(tiny_sweep, tmp_path_factory):
 
 def test_make_tables_on_the_multirun(tiny_sweep, damaged_sweep, tmp_path):
     out = tmp_path / "tables"
-    assert make_tables.main([str(tiny_sweep), "--out", str(out)]) == 0
+    assert results.main([str(tiny_sweep), "--out", str(out)]) == 0
     md = (out / "tables.md").read_text()
     acc = md.split("### ACC")[1].split("###")[0]
     assert "| MAP |" in acc and "| LLLA |" in acc and "SST-2" in acc and "(n=" not in acc  # 2 seeds everywhere
+    assert acc.index("| MAP |") < acc.index("| LLLA |")  # the sweep's order
     assert "## Missing / failed runs\n\nnone" in md
     for stem in ("reliability_tiny_llama_sst2_test", "risk_coverage_tiny_llama_sst2_test", "bars_tiny_llama"):
         assert (out / "figures" / f"{stem}.pdf").stat().st_size > 1000
@@ -197,7 +210,7 @@ def test_notebook_reproduces_the_tables(tiny_sweep, tmp_path):
     assert "4 complete runs, 0 missing / failed, 0 duplicates" in text
     # the notebook's tables are the script's tables
     script_out = tmp_path / "script"
-    assert make_tables.main([str(tiny_sweep), "--out", str(script_out), "--figures", "none"]) == 0
+    assert results.main([str(tiny_sweep), "--out", str(script_out), "--figures", "none"]) == 0
     tables = lambda md: md.split("## Missing")[0]  # noqa: E731
     assert tables((out / "tables.md").read_text()) == tables((script_out / "tables.md").read_text())
     assert (out / "figures" / "reliability_tiny_llama_sst2_test.png").is_file()

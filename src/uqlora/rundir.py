@@ -114,6 +114,19 @@ class RunDir:
         hydra = _load_yaml(self.path / ".hydra" / "hydra.yaml").get("hydra") or {}
         return ((hydra.get("runtime") or {}).get("choices") or {}).get(group)
 
+    def job_num(self) -> int | None:
+        """The job's number in its sweep (``hydra.job.num``), None outside a sweep or when unrecorded."""
+        num = ((_load_yaml(self.path / ".hydra" / "hydra.yaml").get("hydra") or {}).get("job") or {}).get("num")
+        return num if isinstance(num, int) and not isinstance(num, bool) else None
+
+    def overrides(self) -> list[str]:
+        """The command-line overrides the run was launched with (``.hydra/overrides.yaml``; ``[]`` when absent)."""
+        try:
+            data = yaml.safe_load((self.path / ".hydra" / "overrides.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return []
+        return [str(x) for x in data] if isinstance(data, list) else []
+
     def results(self) -> dict | None:
         """``results.json``, or None when absent, truncated or not a results file."""
         try:
