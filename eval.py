@@ -1,7 +1,7 @@
 """Re-evaluate a finished run directory without retraining, on its own or another data config.
 
     python eval.py run_dir=outputs/2026-11-21/12-00-00_map_sst2_ab12cd
-    python eval.py run_dir=... data=sst5 eval.splits=[test]
+    python eval.py run_dir=<an ARC-Easy run> data=arc_c eval.splits=[test]   # another dataset, same task
 
 Results go to ``<run_dir>/eval/<time>_<uid>/`` (never over the original run's files).
 """

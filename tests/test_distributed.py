@@ -226,7 +226,7 @@ def test_ddp_two_processes_match_one_process_laplace(tmp_path):
     a1, a2 = (torch.load(d / "checkpoints" / "adapter.pt", weights_only=True) for d in (one, ddp))
     assert a1.keys() == a2.keys()
     for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=5e-6)  # float32 sums in another order, 8 Adam steps
     # the posterior: factors summed over the two shards, N, log-likelihood, prior precision
     s1, s2 = (torch.load(d / "checkpoints" / "method_state.pt", weights_only=True) for d in (one, ddp))
     f1, f2 = _factors(s1), _factors(s2)

@@ -80,13 +80,13 @@ class _Composer:
 
 def _check_key(cfg, key: str, chosen: dict[str, str]) -> None:
     """An override of a key the composed config does not have: name it and the valid keys of its parent."""
-    from omegaconf import DictConfig
+    from omegaconf import DictConfig, OmegaConf
 
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             return
-        if part not in node:
+        if part not in node.keys():
             if not node and i > 0:  # a free-form node (data.options): Hydra asks for a '+' itself
                 return
             where = ".".join(parts[:i]) or "the config"
@@ -94,6 +94,8 @@ def _check_key(cfg, key: str, chosen: dict[str, str]) -> None:
             sel = f" for {group}={chosen[group]}" if group in chosen else ""
             raise UqloraError(f"unknown key '{'.'.join(parts[:i + 1])}'{sel}; valid keys of {where}: "
                               f"{', '.join(sorted(str(k) for k in node))}")
+        if OmegaConf.is_missing(node, part):  # a required value (eval.py's run_dir: ???) given on the command line
+            return
         node = node[part]
 
 

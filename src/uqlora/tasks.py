@@ -118,8 +118,9 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     if ecfg.get("data") is not None:
         cfg.data = ecfg.data
     for key in ("eval", "logger"):
-        if ecfg.get(key) is not None:
-            cfg[key] = OmegaConf.merge(cfg.get(key) or {}, ecfg[key])
+        given = _given(OmegaConf.to_container(ecfg[key], resolve=True)) if ecfg.get(key) is not None else None
+        if given:
+            cfg[key] = OmegaConf.merge(cfg.get(key) or {}, given)
     validate_config(cfg)
     out_dir = ctx.run_dir
     files = data_files(cfg)
@@ -146,3 +147,11 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     if ecfg.get("print_table", True):
         print_table(results, out_dir)
     return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}
+
+
+def _given(node):
+    """The values of an override node that were set (nulls dropped, recursively): what eval.py merges in."""
+    if isinstance(node, dict):
+        out = {k: _given(v) for k, v in node.items()}
+        return {k: v for k, v in out.items() if v is not None and v != {}}
+    return node
