@@ -83,7 +83,7 @@ def load_backbone(model: str, data: str = "sst2", adapter: str | Path | None = N
     from uqlora.data.datamodule import task_info
     from uqlora.data.prompts import Collator
     from uqlora.models.backbone import resolve_head
-    from uqlora.models.peft_io import load_adapter, lora_settings, read_adapter
+    from uqlora.models.peft_io import check_adapter, load_adapter, lora_settings, read_adapter, same_base
     from uqlora.validate import validate_config
 
     cfg = compose([f"model={model}", f"data={data}", *overrides])
@@ -93,9 +93,13 @@ def load_backbone(model: str, data: str = "sst2", adapter: str | Path | None = N
             cfg.trainer.accelerator = {"cuda": "gpu"}.get(str(device), str(device))
     found = read_adapter(adapter, "adapter") if adapter is not None else None
     if found is not None:  # the adapter decides the LoRA shape (the pipeline asks for it in model.lora instead)
+        if same_base(found.base, cfg.model) is False:
+            check_adapter(found, cfg.model, "adapter")  # another base model: one line naming both
         lora = {k: v for k, v in lora_settings(found).items() if k != "dropout"}
         cfg.model = _merged(cfg.model, {"lora": lora}, "load_backbone(adapter=...)")
     validate_config(cfg)
+    if found is not None:
+        check_adapter(found, cfg.model, "adapter")  # another base model: one line, before the model loads
     info = task_info(cfg.data)
     bb, tok = make_backbone(cfg, info, resolve_head(cfg.model, info.task))
     if found is not None:
@@ -167,9 +171,12 @@ class LoaderSplits:
     def has(self, split: str) -> bool:
         return split in self.loaders
 
+    def missing(self, split: str) -> str:
+        return f"{self.who} needs the '{split}' split: pass fit(..., {split}=<DataLoader>)"
+
     def loader(self, split: str, shuffle: bool = False):
         if split not in self.loaders:
-            raise UqloraError(f"{self.who} needs the '{split}' split: pass fit(..., {split}=<DataLoader>)")
+            raise UqloraError(self.missing(split))
         return self.loaders[split]
 
 
@@ -184,7 +191,7 @@ def _datamodule(splits: LoaderSplits):
             return splits.loaders.get("val", [])
 
     dm = _DM()
-    dm.has, dm.loader, dm.records = splits.has, splits.loader, splits.records
+    dm.has, dm.loader, dm.missing, dm.records = splits.has, splits.loader, splits.missing, splits.records
     return dm
 
 

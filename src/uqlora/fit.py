@@ -49,7 +49,7 @@ def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: 
     if cfg.method.get("map_run"):
         info["map_run"] = attach_source(cfg, method, member)
     elif cfg.method.get("adapter"):
-        info["adapter"] = attach_adapter(cfg, method, "method.adapter")
+        info.update(attach_adapter(cfg, method, "method.adapter"))
     elif method.trains:
         info.update(_train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir, timings, key))
     member_dir.save_adapter(method.backbone.trainable_state_dict())
@@ -68,7 +68,7 @@ def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: 
 def _train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir: RunDir, timings: dict, key: str) -> dict:
     info: dict = {}
     if cfg.train.get("init_adapter") and not ckpt_path:
-        info["init_adapter"] = attach_adapter(cfg, method, "train.init_adapter")
+        info.update(attach_adapter(cfg, method, "train.init_adapter"))
     method.prepare_fit(dm, RunAccess(cfg))
     t0 = time.perf_counter()
     if ckpt_path:

@@ -89,13 +89,15 @@ def check_adapter_source(cfg: DictConfig) -> None:
         check_adapter(read_adapter(found[1], found[0]), cfg.model, found[0])
 
 
-def attach_adapter(cfg: DictConfig, method, key: str) -> str:
+def attach_adapter(cfg: DictConfig, method, key: str) -> dict:
     """Load the PEFT adapter of config key ``key`` (:data:`ADAPTER_KEYS`) into ``method``'s backbone; returns
-    the folder it was read from (a hub id: its cached snapshot)."""
+    what ``results.json`` records: the source as given, the folder read (a hub id: its cached snapshot) and
+    the SHA-256 of its weights file."""
     from uqlora.models.peft_io import load_adapter
 
     group, _, name = key.partition(".")
-    return str(load_adapter(method.backbone, str(cfg[group][name]), cfg.model, key).path)
+    adapter = load_adapter(method.backbone, str(cfg[group][name]), cfg.model, key)
+    return {name: adapter.source, f"{name}_folder": str(adapter.path), f"{name}_sha256": adapter.sha256}
 
 
 def export_member(cfg: DictConfig, method, member_dir: RunDir, folder: str | Path | None = None,

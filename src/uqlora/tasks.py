@@ -43,7 +43,7 @@ def train(cfg: DictConfig, ctx: RunContext | None = None):
     run_dir = ctx.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_config(cfg)  # before the directory is touched: an impossible value changes nothing
-    check_adapter_source(cfg)  # a PEFT adapter for another base model: one line, nothing loaded
+    check_adapter_source(cfg)  # so is a PEFT adapter of another base model (read, not loaded into a model)
     previous = read_results(run_dir)
     if previous is not None and previous.get("status", "complete") == "complete":
         if cfg.get("skip_complete", True):

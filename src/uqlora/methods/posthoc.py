@@ -73,6 +73,8 @@ class PostHocMethod(UQMethod):
     @staticmethod
     def _require_split(datamodule, split: str) -> None:
         if not datamodule.has(split):
+            if hasattr(datamodule, "missing"):  # the Python API's DataLoader splits say how to pass one
+                raise UqloraError(datamodule.missing(split))
             raise UqloraError(f"split '{split}' has no examples (data.{split}_size / data.max_{split}_samples); "
                               "valid choices: train, val, calib")
 

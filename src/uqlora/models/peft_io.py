@@ -25,6 +25,7 @@ itself, so a causal LM's adapter needs nothing more. A ``classifier`` / ``mc_cla
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -59,6 +60,7 @@ class PeftAdapter:
     tensors: dict[str, torch.Tensor]
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    sha256: str = ""  # of the weights file
 
     @property
     def base(self) -> str:
@@ -131,7 +133,7 @@ def read_adapter(source: str | Path, what: str = "method.adapter") -> PeftAdapte
     tensors = _load_tensors(weights)
     head = _load_tensors(folder / HEAD_FILE) if (folder / HEAD_FILE).is_file() else {}
     meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else {}
-    return PeftAdapter(str(source), folder, config, tensors, head, meta)
+    return PeftAdapter(str(source), folder, config, tensors, head, meta, hashlib.sha256(weights.read_bytes()).hexdigest())
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -143,7 +145,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 # --- checking ---------------------------------------------------------------------------------------------
-def _same_base(base: str, mcfg) -> bool | None:
+def same_base(base: str, mcfg) -> bool | None:
     """Whether the adapter's base model is this model config's (hub id, config name, or a local folder named
     after either); None when the adapter does not say."""
     if not base:
@@ -156,7 +158,7 @@ def _same_base(base: str, mcfg) -> bool | None:
 def check_adapter(adapter: PeftAdapter, mcfg, what: str = "method.adapter") -> None:
     """Base model, target modules, rank and alpha of the adapter against ``model=...``: one line on a mismatch."""
     ours = sorted(str(t) for t in mcfg.lora.target_modules)
-    same = _same_base(adapter.base, mcfg)
+    same = same_base(adapter.base, mcfg)
     targets = adapter.target_modules()
     if same is False or targets != ours:
         raise ModelError(f"{what}='{adapter.source}' was trained on base model '{adapter.base or '?'}' with LoRA on "
