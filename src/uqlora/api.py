@@ -78,8 +78,11 @@ def load_backbone(model: str, data: str = "sst2", adapter: str | Path | None = N
     (classes, answer words), with the LoRA of ``adapter`` (a PEFT folder or hub id; its ``r`` / ``lora_alpha``
     / target modules become ``model.lora``) or a fresh one. It carries ``.tokenizer``, ``.collator`` (records
     -> batches: ``DataLoader(records, collate_fn=bb.collator)``) and ``.cfg`` (the composed config).
-    ``device``: ``cpu`` | ``cuda`` (post-hoc fits and predictions; default: ``trainer.accelerator``)."""
-    from uqlora.build import make_backbone
+    ``device``: ``cpu`` | ``cuda`` (post-hoc fits and predictions; default: ``trainer.accelerator``). The LoRA
+    initialisation follows ``seed`` (``train.init_seed``) as in ``train.py``."""
+    import lightning.pytorch as pl
+
+    from uqlora.build import init_seed, make_backbone
     from uqlora.data.datamodule import task_info
     from uqlora.data.prompts import Collator
     from uqlora.models.backbone import resolve_head
@@ -99,8 +102,9 @@ def load_backbone(model: str, data: str = "sst2", adapter: str | Path | None = N
         cfg.model = _merged(cfg.model, {"lora": lora}, "load_backbone(adapter=...)")
     validate_config(cfg)
     if found is not None:
-        check_adapter(found, cfg.model, "adapter")  # another base model: one line, before the model loads
+        check_adapter(found, cfg.model, "adapter")  # the rest of the checks, before the model loads
     info = task_info(cfg.data)
+    pl.seed_everything(init_seed(cfg), workers=True, verbose=False)  # the LoRA initialisation, as build_member
     bb, tok = make_backbone(cfg, info, resolve_head(cfg.model, info.task))
     if found is not None:
         load_adapter(bb, found, cfg.model, "adapter")
@@ -277,7 +281,8 @@ class Method:
                 out = m.predict_step(b, 0)
         finally:
             m.end_predict()
-        return {k: v.detach().float().cpu() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in out.items()}
+        return {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()) if torch.is_tensor(v) else v
+                for k, v in out.items()}
 
     def predict(self, batch) -> torch.Tensor:
         """The predictive probabilities ``[B, C]`` of one batch."""

@@ -179,7 +179,7 @@ def check_adapter(adapter: PeftAdapter, mcfg, what: str = "method.adapter") -> N
         raise ModelError(f"{what}='{adapter.source}' has r={r}, lora_alpha={alpha:g}; this run model.lora.r="
                          f"{mcfg.lora.r}, model.lora.alpha={mcfg.lora.alpha}: add model.lora.r={r} "
                          f"model.lora.alpha={alpha:g}")
-    if abs(float(c.get("lora_dropout", 0.0)) - float(mcfg.lora.dropout)) > 0:
+    if float(c.get("lora_dropout", 0.0)) != float(mcfg.lora.dropout):
         log.info("%s: lora_dropout %s (adapter) vs model.lora.dropout %s (used when training)", what,
                  c.get("lora_dropout"), mcfg.lora.dropout)
 
@@ -234,13 +234,15 @@ def adapter_state(adapter: PeftAdapter, backbone, mcfg, what: str = "method.adap
 
 def _head_state(adapter: PeftAdapter, backbone, state: dict, what: str) -> dict[str, torch.Tensor]:
     kind, saved = backbone.head_kind, adapter.saved_modules()
+    hint = ("; for its classification head add model.head=classifier model.pooling=last"
+            if {"score", "classifier"} & set(saved) else "")
     if kind == "lm_cloze":
         if saved:
-            raise ModelError(f"{what}='{adapter.source}' also trains {sorted(saved)} (modules_to_save); model.head="
-                             "lm_cloze scores with the pretrained LM head; valid: an adapter with LoRA only")
+            raise ModelError(f"{what}='{adapter.source}' also trains {sorted(saved)} (modules_to_save), which "
+                             f"model.head=lm_cloze does not use (it scores with the pretrained LM head){hint}")
         return {}
     if kind == "lm_choices":
-        return _answer_rows(adapter, backbone, saved, what)
+        return _answer_rows(adapter, backbone, saved, what, hint)
     head = _classifier_head(adapter, backbone, saved, what)
     missing = [k for k in head if k not in state]
     if missing:
@@ -249,7 +251,7 @@ def _head_state(adapter: PeftAdapter, backbone, state: dict, what: str) -> dict[
     return head
 
 
-def _answer_rows(adapter, backbone, saved, what) -> dict[str, torch.Tensor]:
+def _answer_rows(adapter, backbone, saved, what, hint: str) -> dict[str, torch.Tensor]:
     ids = backbone.answer_token_ids.cpu()
     if "answer_rows" in adapter.head:
         theirs = adapter.head.get("answer_token_ids")
@@ -267,7 +269,7 @@ def _answer_rows(adapter, backbone, saved, what) -> dict[str, torch.Tensor]:
         extra = sorted(set(saved) - {"lm_head"})
         if extra:
             raise ModelError(f"{what}='{adapter.source}' also trains {extra} (modules_to_save), which model.head="
-                             "lm_choices does not use; valid: LoRA only, or lm_head in modules_to_save")
+                             f"lm_choices does not use (it takes the answer rows of lm_head){hint}")
         return {}  # the pretrained LM-head rows of the fresh backbone
     if not backbone.answer_rows.requires_grad:
         raise ModelError(f"{what}: the adapter brings trained answer rows but model.lora.train_head=false keeps the "
