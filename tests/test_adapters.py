@@ -15,7 +15,7 @@ from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from conftest import ROOT, compose
-from uqlora import AdUE, Laplace, Temperature, load_backbone, load_data
+from uqlora import AdUE, Laplace, Temperature, load_backbone, load_data, to_batch
 from uqlora.errors import UqloraError
 from uqlora.methods import METHODS, discover
 from uqlora.rundir import RunDir
@@ -335,6 +335,8 @@ def test_api_fits_on_dataloaders_saves_and_loads(causal_adapter, tmp_path):
     hf = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
           "label": torch.tensor([r["label"] for r in splits["test"][:8]])}
     torch.testing.assert_close(post.predict(hf), probs, rtol=0, atol=1e-6)
+    texts = to_batch(bb, [r["text"] for r in splits["test"][:8]], [r["label"] for r in splits["test"][:8]])
+    assert torch.equal(texts["input_ids"], batch["input_ids"]) and torch.equal(texts["labels"], batch["labels"])
     T = Temperature(bb, base=post).fit(dl("calib"))
     assert T.method.temperature > 0 and T.predict(batch).shape == (8, 2)
     a = AdUE(bb, grid={"lr": [1e-3], "alpha_reg": [0.1], "alpha_l2sp": [0.1]}, epochs=1).fit(dl("train"), val=dl("val"))

@@ -7,7 +7,7 @@ The Python API (:mod:`uqlora.api`, documented in ``docs/adapters.md``) for use o
 
 Its names are imported on first use, so ``import uqlora.<module>`` stays as light as that module.
 """
-__all__ = ["load_backbone", "load_data", "as_batch", "compose", "Method", "make_method", "MAP", "Laplace", "LLLA",
+__all__ = ["load_backbone", "load_data", "to_batch", "as_batch", "compose", "Method", "make_method", "MAP", "Laplace", "LLLA",
            "Temperature", "AdUE", "SWAG", "MCDropout"]
 
 

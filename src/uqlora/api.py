@@ -123,6 +123,21 @@ def load_data(backbone_or_data, seed: int = 0, **limits) -> dict[str, list[dict]
     return build_splits(_merged(cfg.data, limits, "load_data"), int(seed))
 
 
+def to_batch(backbone, items, labels=None) -> dict:
+    """One batch from texts (classification: ``["great film", ...]``, formatted with the data config's prompt)
+    or records (``{"text": ...}``, ``{"question": ..., "choices": [...]}``), through ``backbone.collator``;
+    ``labels`` default to 0 where the items have none."""
+    items = list(items)
+    labels = list(labels) if labels is not None else [None] * len(items)
+    records = []
+    for i, (item, y) in enumerate(zip(items, labels)):
+        rec = {"text": item} if isinstance(item, str) else dict(item)
+        rec.setdefault("id", str(i))
+        rec["label"] = int(y) if y is not None else int(rec.get("label", 0))
+        records.append(rec)
+    return backbone.collator(records)
+
+
 def as_batch(batch, labels_required: bool = True) -> dict:
     """A batch of ours, or an HF-tokenised one (``BatchEncoding`` / dict with ``input_ids``, ``attention_mask``,
     ``labels`` or ``label``; right padding), as the dict the backbone scores."""
