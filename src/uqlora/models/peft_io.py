@@ -109,9 +109,9 @@ def resolve_folder(source: str, what: str = "method.adapter") -> Path:
     try:
         folder = Path(snapshot_download(str(source), allow_patterns=[ADAPTER_CONFIG, *WEIGHTS, HEAD_FILE, META_FILE]))
     except Exception as e:  # offline without a cached copy, unknown id, no network, gated repo
-        why = ("the hub is offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if hub_offline()
+        why = ("the hub is offline (HF_HUB_OFFLINE=1) with no cached copy" if hub_offline()
                else f"the hub did not give it ({type(e).__name__})")
-        raise ModelError(f"{what}='{source}' is no local folder and {why}; pass a folder holding "
+        raise ModelError(f"{what}='{source}' is not a local folder, and {why}; pass a folder holding "
                          f"{ADAPTER_CONFIG}") from e
     if not (folder / ADAPTER_CONFIG).is_file():
         raise ModelError(f"{what}='{source}': the hub repository has no {ADAPTER_CONFIG} (not a PEFT adapter)")
