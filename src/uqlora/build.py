@@ -54,13 +54,18 @@ def init_seed(cfg) -> int:
     return int(cfg.seed) if init is None else int(init)
 
 
+def make_backbone(cfg: DictConfig, info: TaskInfo, head: str):
+    """``(backbone, tokenizer)``: the pretrained model of ``cfg.model`` with fresh LoRA and the head scoring
+    ``info``'s task (the answer words of ``cfg.data.prompt`` for ``lm_choices``)."""
+    model, tok = load_pretrained(cfg.model)
+    words = answer_words(cfg.data.get("prompt"), info.task, info.num_classes, info.label_names)
+    return build_backbone(cfg.model, head, info.num_classes, answer_words=words, tokenizer=tok, model=model), tok
+
+
 def build_member(cfg: DictConfig, task: Task, member_seed: int):
     """A fresh backbone (LoRA initialised with ``member_seed``), its method module and datamodule."""
     pl.seed_everything(member_seed, workers=True, verbose=False)
-    model, tok = load_pretrained(cfg.model)
-    words = answer_words(cfg.data.get("prompt"), task.info.task, task.info.num_classes, task.info.label_names)
-    backbone = build_backbone(cfg.model, task.head, task.info.num_classes, answer_words=words, tokenizer=tok,
-                              model=model)
+    backbone, tok = make_backbone(cfg, task.info, task.head)
     method = get_method(cfg.method.name)(backbone, cfg)
     dm = UQDataModule(cfg.data, tok, task.head, causal=cfg.model.kind == "causal", seed=int(cfg.seed),
                       records=task.records, shuffle_seed=member_seed)

@@ -1,5 +1,7 @@
-"""Fit one member: train it (methods that train; resumable from ``last.ckpt``) or load a finished run's
-adapter (``method.map_run``), restore its best adapter, run its post-hoc stage, save adapter and state."""
+"""Fit one member: train it (methods that train; resumable from ``last.ckpt``; from a PEFT adapter with
+``train.init_adapter``) or load a finished run's adapter (``method.map_run``) or a PEFT adapter
+(``method.adapter``), restore its best adapter, run its post-hoc stage, save adapter (also in PEFT format,
+``adapter/``) and state."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +15,7 @@ from uqlora.context import RunContext
 from uqlora.logging_utils import log_summary
 from uqlora.rundir import RunDir
 from uqlora.runs import carry_best_adapter
-from uqlora.sources import RunAccess, attach_source
+from uqlora.sources import RunAccess, attach_adapter, attach_source, export_member
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,12 @@ def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: 
     info: dict = {}
     if cfg.method.get("map_run"):
         info["map_run"] = attach_source(cfg, method, member)
+    elif cfg.method.get("adapter"):
+        info.update(attach_adapter(cfg, method, "method.adapter"))
     elif method.trains:
         info.update(_train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir, timings, key))
     member_dir.save_adapter(method.backbone.trainable_state_dict())
+    export_member(cfg, method, member_dir)
     t0 = time.perf_counter()
     method.posthoc_fit(dm)
     timings[f"posthoc_fit{key}"] = round(time.perf_counter() - t0, 3)
@@ -61,9 +66,11 @@ def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: 
 
 
 def _train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir: RunDir, timings: dict, key: str) -> dict:
+    info: dict = {}
+    if cfg.train.get("init_adapter") and not ckpt_path:
+        info.update(attach_adapter(cfg, method, "train.init_adapter"))
     method.prepare_fit(dm, RunAccess(cfg))
     t0 = time.perf_counter()
-    info: dict = {}
     if ckpt_path:
         carry_best_adapter(Path(ckpt_path), ckpt.path)
         log.info("resuming %s from %s", member_dir.path, ckpt_path)

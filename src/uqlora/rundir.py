@@ -10,6 +10,8 @@
     checkpoints/adapter.pt    LoRA + head tensors used for the reported numbers
     checkpoints/method_state.pt   the method's fitted state (may be empty)
     checkpoints/last.ckpt     adapter + optimiser + loop/callback/RNG state, for resume=true
+    adapter/                  the adapter in PEFT format: adapter_config.json, adapter_model.safetensors
+                              (+ uqlora_head.safetensors, uqlora_adapter.json; see uqlora.models.peft_io)
     members/<m>/checkpoints/  the same per member of a multi-member run (ensembles, MultiSWAG)
 
 The training pipeline, ``eval.py``, the table maker and the notebooks all read run directories through
@@ -74,6 +76,11 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def adapter_dir(self) -> Path:
+        """The adapter in PEFT format (``PeftModel.from_pretrained(base, run.adapter_dir)``)."""
+        return self.path / "adapter"
 
     def predictions_path(self, split: str) -> Path:
         return self.path / "predictions" / f"{split}.npz"
@@ -209,6 +216,21 @@ class RunDir:
         from uqlora.io import atomic_torch_save
 
         return atomic_torch_save(state, self.checkpoints / "adapter.pt")
+
+    def save_peft_adapter(self, files: dict[str, bytes | None], folder: str | Path | None = None) -> Path:
+        """Write the PEFT-format files (name -> content; None removes a stale file) into :attr:`adapter_dir`
+        (or ``folder``), each atomically; returns the folder."""
+        from uqlora.distributed import is_global_zero
+        from uqlora.io import atomic_write
+
+        out = Path(folder) if folder is not None else self.adapter_dir
+        for name, content in files.items():
+            if content is None:
+                if is_global_zero():
+                    (out / name).unlink(missing_ok=True)
+            else:
+                atomic_write(out / name, lambda f, c=content: f.write(c))
+        return out
 
     def save_method_state(self, state: dict) -> Path:
         from uqlora.io import atomic_torch_save

@@ -1,4 +1,5 @@
-"""Finished runs as inputs of a new run: the adapter a post-hoc method starts from (``method.map_run``),
+"""Finished runs as inputs of a new run: the adapter a post-hoc method starts from (``method.map_run``, or a
+PEFT-format adapter trained elsewhere: ``method.adapter``; ``train.init_adapter`` for one to train further),
 the method it wraps (temperature scaling of any run), and the predictive of a teacher run (UAL).
 
 Methods never open run directories themselves: the orchestrator attaches the source here, and hands methods
@@ -64,6 +65,55 @@ def attach_source(cfg: DictConfig, method, member: int = 0) -> str:
         method.attach_base(base)
     log.info("using the adapter of %s (no training)", dirs[member].path)
     return str(dirs[member].path)
+
+
+ADAPTER_KEYS = ("method.adapter", "train.init_adapter")
+
+
+def adapter_source(cfg: DictConfig) -> tuple[str, str] | None:
+    """``(config key, folder or hub id)`` of the PEFT adapter the run starts from, or None."""
+    for key in ADAPTER_KEYS:
+        group, _, name = key.partition(".")
+        value = (cfg.get(group) or {}).get(name)
+        if value:
+            return key, str(value)
+    return None
+
+
+def check_adapter_source(cfg: DictConfig) -> None:
+    """Read the run's PEFT adapter and check it against ``model=...`` before any data or model loads."""
+    from uqlora.models.peft_io import check_adapter, read_adapter
+
+    found = adapter_source(cfg)
+    if found is not None:
+        check_adapter(read_adapter(found[1], found[0]), cfg.model, found[0])
+
+
+def attach_adapter(cfg: DictConfig, method, key: str) -> dict:
+    """Load the PEFT adapter of config key ``key`` (:data:`ADAPTER_KEYS`) into ``method``'s backbone; returns
+    what ``results.json`` records: the source as given, the folder read (a hub id: its cached snapshot) and
+    the SHA-256 of its weights file."""
+    from uqlora.models.peft_io import load_adapter
+
+    group, _, name = key.partition(".")
+    adapter = load_adapter(method.backbone, str(cfg[group][name]), cfg.model, key)
+    return {name: adapter.source, f"{name}_folder": str(adapter.path), f"{name}_sha256": adapter.sha256}
+
+
+def export_member(cfg: DictConfig, method, member_dir: RunDir, folder: str | Path | None = None,
+                  strict: bool = False) -> Path | None:
+    """Write ``method``'s adapter in PEFT format into ``member_dir``'s ``adapter/`` (or ``folder``); an adapter
+    with no PEFT form is skipped with a warning (``strict``: raised)."""
+    from uqlora.models.peft_export import export_adapter
+
+    try:
+        files = export_adapter(method.backbone, cfg.model).files()
+    except UqloraError as e:
+        if strict:
+            raise
+        log.warning("no PEFT-format adapter/ written for %s: %s", member_dir.path, e)
+        return None
+    return member_dir.save_peft_adapter(files, folder)
 
 
 def build_base(cfg: DictConfig, method_cfg, backbone):

@@ -15,16 +15,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from uqlora.build import build_member, build_trainer, data_files, init_seed, load_task
+from uqlora.build import Task, build_member, build_trainer, data_files, init_seed, load_task
 from uqlora.context import RunContext
+from uqlora.data.datamodule import task_info
 from uqlora.errors import UqloraError
 from uqlora.fit import fit_member
 from uqlora.logging_utils import build_logger, log_results_table
+from uqlora.models.backbone import resolve_head
 from uqlora.predict import pool_splits, predict_member
 from uqlora.report import print_table, report, write_results
 from uqlora.rundir import RunDir
 from uqlora.runs import archive_run, check_same_config, read_results, record_failure, restore_hydra_files, resume_points
-from uqlora.sources import restore_member
+from uqlora.sources import check_adapter_source, export_member, restore_member
 from uqlora.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ def train(cfg: DictConfig, ctx: RunContext | None = None):
     run_dir = ctx.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_config(cfg)  # before the directory is touched: an impossible value changes nothing
+    check_adapter_source(cfg)  # so is a PEFT adapter of another base model (read, not loaded into a model)
     previous = read_results(run_dir)
     if previous is not None and previous.get("status", "complete") == "complete":
         if cfg.get("skip_complete", True):
@@ -105,7 +108,10 @@ def _train(cfg: DictConfig, ctx: RunContext, resume_from: list[str | None]):
 def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     """Re-evaluate finished run directories from their saved adapters and method states, without retraining:
     ``run_dir`` (one run, all of its members) or ``ensemble=[dir1, dir2, ...]`` (runs pooled, e.g. the
-    members of a multirun). Optionally on another data config; writes into a fresh directory."""
+    members of a multirun). Optionally on another data config; writes into a fresh directory.
+    ``export=<folder>``: write the run's adapter in PEFT format there instead (:func:`export_run`)."""
+    if ecfg.get("export"):
+        return export_run(ecfg)
     t_start = time.perf_counter()
     ctx = ctx or RunContext.for_config(ecfg)
     sources = [RunDir(d) for d in (ecfg.get("ensemble") or [ecfg.run_dir])]
@@ -155,3 +161,20 @@ def _given(node):
         out = {k: _given(v) for k, v in node.items()}
         return {k: v for k, v in out.items() if v is not None and v != {}}
     return node
+
+
+def export_run(ecfg: DictConfig):
+    """``eval.py run_dir=<run> export=<folder>``: the run's saved adapter in PEFT format in ``folder`` (a
+    multi-member run: ``folder/members/<m>``), for runs made before every run wrote ``adapter/``."""
+    src = RunDir(ecfg.run_dir)
+    cfg = src.config()
+    info = task_info(cfg.data)
+    method, _ = build_member(cfg, Task(info, resolve_head(cfg.model, info.task), {}), init_seed(cfg))
+    dirs, out = src.members(), Path(str(ecfg.export))
+    written = []
+    for m, mdir in enumerate(dirs):
+        method.backbone.load_trainable_state_dict(mdir.adapter())
+        folder = out if len(dirs) == 1 else out / "members" / str(m)
+        written.append(str(export_member(cfg, method, mdir, folder, strict=True)))
+    print(f"exported the adapter of {src.path} in PEFT format: {', '.join(written)}", flush=True)
+    return {}, {"run_dir": src.path, "exported": written}

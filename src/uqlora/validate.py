@@ -57,7 +57,7 @@ RULES: dict[str, Check] = {
     "eval.prob.gen_temperature": NON_NEGATIVE,
     "eval.prob.gen_top_p": TOP_P,
     "model.head": one_of("auto", "classifier", "mc_classifier", "lm_choices", "lm_cloze"),
-    "model.pooling": one_of("cls", "mean", "last"),
+    "model.pooling": one_of("cls", "mean", "last", "pooler"),
     "model.cloze_norm": one_of("token", "char", "none"),
     "model.kind": one_of("encoder", "causal"),
     "model.source": one_of("hub", "package", "random"),
@@ -104,6 +104,10 @@ def validate_config(cfg: DictConfig) -> None:
             and _get(cfg, "model.kind") != "causal":
         raise UqloraError(f"eval.prob.generate=true needs a causal LM; model '{_get(cfg, 'model.name')}' is an "
                           f"{_get(cfg, 'model.kind')}")
+    sources = [k for k in ("method.map_run", "method.adapter", "train.init_adapter") if _get(cfg, k) not in (_MISSING, None)]
+    if len(sources) > 1:
+        raise UqloraError(f"{' and '.join(sources)} are set together; valid: one starting adapter (map_run: a run "
+                          "directory, adapter: a PEFT adapter used as is, init_adapter: one to train further)")
     splits = _get(cfg, "eval.splits")
     if splits is not _MISSING:
         bad = [s for s in (splits or []) if s not in SPLITS]

@@ -1,8 +1,8 @@
 """Post-hoc methods: fitted on a named split of a finished model, never on the test split.
 
 A post-hoc method (Laplace-LoRA, temperature scaling, AdUE, TFB) starts from a trained adapter -- the MAP
-training of its own run, or a finished run (``method.map_run=<run dir>``), whose adapter the orchestrator
-loads into the backbone -- and fits its own state in :meth:`PostHocMethod.fit` over one split. Everything
+training of its own run, a finished run (``method.map_run=<run dir>``) or a PEFT-format adapter trained
+elsewhere (``method.adapter=<folder or hub id>``), which the orchestrator loads into the backbone -- and fits its own state in :meth:`PostHocMethod.fit` over one split. Everything
 that loops over a split goes through :meth:`PostHocMethod.batches` (device, eval mode, autocast, progress
 bar and, optionally, a DDP shard per process: written once here). Methods that calibrate another method's
 predictive (``wraps_any = True``: temperature scaling) get that method, built by the orchestrator from the
@@ -30,6 +30,7 @@ class PostHocConfig(MethodConfig):
     """Options every post-hoc method has."""
 
     map_run: Optional[str] = None  # a finished run directory whose adapter is used instead of training
+    adapter: Optional[str] = None  # a PEFT adapter (folder or hub id) used instead of training (models/peft_io.py)
 
 
 class PostHocMethod(UQMethod):
@@ -72,6 +73,8 @@ class PostHocMethod(UQMethod):
     @staticmethod
     def _require_split(datamodule, split: str) -> None:
         if not datamodule.has(split):
+            if hasattr(datamodule, "missing"):  # the Python API's DataLoader splits say how to pass one
+                raise UqloraError(datamodule.missing(split))
             raise UqloraError(f"split '{split}' has no examples (data.{split}_size / data.max_{split}_samples); "
                               "valid choices: train, val, calib")
 
