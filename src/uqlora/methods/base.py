@@ -80,6 +80,7 @@ class UQMethod(pl.LightningModule):
     restore_best_after_fit = True  # evaluate the adapter of the best validation loss
     strict_loading = False  # Lightning checkpoints hold only the trainable tensors (see on_save_checkpoint)
     probability_scores: tuple[str, ...] = ()  # per-example u_* outputs meant as P(error) (their ECE is reported)
+    extra_state_prefixes: tuple[str, ...] = ()  # trained state outside the backbone kept in last.ckpt (e.g. "var.")
 
     def __init__(self, backbone, cfg):
         super().__init__()
@@ -234,14 +235,22 @@ class UQMethod(pl.LightningModule):
         """Callbacks the method needs during fit (e.g. SWAG moment collection)."""
         return []
 
+    def _checkpoint_shapes(self) -> dict[str, tuple]:
+        """The tensors a Lightning checkpoint of this method holds: the trainable backbone tensors and the state
+        under :attr:`extra_state_prefixes`."""
+        own = {f"backbone.{n}": tuple(p.shape) for n, p in self.backbone.named_parameters() if p.requires_grad}
+        if self.extra_state_prefixes:
+            own.update({k: tuple(v.shape) for k, v in self.state_dict().items() if k.startswith(self.extra_state_prefixes)})
+        return own
+
     def on_save_checkpoint(self, checkpoint):
-        keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        keep = self._checkpoint_shapes()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint):
         """Loading is non-strict (the frozen backbone is not in the checkpoint), so check here that the
         checkpoint holds exactly this model's trainable tensors: another model's fails in one line."""
-        own = {f"backbone.{n}": tuple(p.shape) for n, p in self.backbone.named_parameters() if p.requires_grad}
+        own = self._checkpoint_shapes()
         got = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         missing, unexpected = sorted(set(own) - set(got)), sorted(set(got) - set(own))
         wrong = sorted(k for k in own if k in got and own[k] != got[k])
@@ -273,12 +282,25 @@ class UQMethod(pl.LightningModule):
     def load_method_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.fitted = True
 
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """Trained parameters outside the backbone that AdamW steps too (without weight decay, on the same
+        schedule), e.g. variational standard deviations."""
+        return []
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Called after every optimiser step (e.g. a separate SGD step on a KL term)."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step(optimizer)
+
     def configure_optimizers(self):
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad]}]
+        extra = self.extra_parameters()
+        if extra:
+            groups.append({"params": list(extra), "weight_decay": 0.0})
         o = self.optim_cfg
-        if float(o.lr) <= 0:
-            raise UqloraError(f"optim.lr must be > 0, got {o.lr}")
-        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay),
+        opt = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay),
                                 betas=tuple(o.get("betas", (0.9, 0.999))), eps=float(o.get("eps", 1e-8)))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(math.ceil(float(o.get("warmup_ratio", 0.0)) * total))
