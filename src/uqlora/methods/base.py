@@ -103,7 +103,7 @@ class UQMethod(pl.LightningModule):
 
         C = max(2, int(getattr(backbone, "num_classes", 2)))
         self.val_acc = MulticlassAccuracy(num_classes=C, average="micro")
-        self.val_ece = MulticlassCalibrationError(num_classes=C, n_bins=int(cfg.eval.get("n_bins", 15)), norm="l1")
+        self.val_ece = MulticlassCalibrationError(num_classes=C, n_bins=int((cfg.get("eval") or {}).get("n_bins", 15)), norm="l1")
 
     # --- post-hoc stages run outside the Trainer: their device and autocast ------------------------------
     def fit_device(self) -> torch.device:
