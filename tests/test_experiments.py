@@ -18,13 +18,14 @@ from conftest import CONF, ROOT, compose
 from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
-    "laplace_lora": 90, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "laplace_lora": 144, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 
 
-OPTION_NAMES = {"laplace_ll": "laplace", "swag_lora": "swag", "multiswag_lora": "multiswag"}  # option -> method.name
+OPTION_NAMES = {"laplace_ll": "laplace", "swag_lora": "swag", "multiswag_lora": "multiswag",  # option -> method.name
+                "tfb_official": "tfb"}
 
 
 def sweep_params(exp):
@@ -261,3 +262,19 @@ def test_curves_are_logged_as_native_wandb_line_plots(tmp_path):
     assert plot.table.data == [[0.0, 0.5, 0.4, 0.3, 3]]  # the empty bin is not drawn
     assert set(res) == {"results"} and res["results"].columns == ["method", "model", "data", "seed", "split", "acc", "ece"]
     assert res["results"].data == [["map", "m", "d", 0, "test", 0.8, 0.1]]
+
+
+def test_gpu_suite_and_model_configs_carry_the_official_settings():
+    blob = compose(["experiment=laplace_lora", "method=blob", "data=arc_e"])
+    m = blob.method
+    assert (m.eps, m.beta, m.kllr, m.gamma, m.train_samples, m.num_samples, m.rho_update) == (
+        0.05, 0.2, 0.01, 8.0, 1, 10, "sgd")
+    assert blob.model.name == "llama2_7b" and blob.optim.lr == 5e-5  # the suite's shared protocol
+    t = compose(["experiment=laplace_lora", "method=tfb_official"]).method
+    assert (t.name, t.low, t.high, t.tolerance, t.search_iters, t.anchor_size, t.num_samples, t.labels) == (
+        "tfb", 0.001, 0.015, 0.003, 5, 500, 10, "pseudo")
+    s = compose(["experiment=laplace_lora", "method=scalabl"]).method
+    assert (s.eps, s.kllr, s.prior_std, s.gamma, s.num_samples) == (0.05, 0.2, 1.0, 8.0, 10)
+    for model, hub in (("llama31_8b", "meta-llama/Llama-3.1-8B"), ("qwen3_8b", "Qwen/Qwen3-8B")):
+        cfg = compose([f"model={model}", "data=arc_e", "method=blob"])
+        assert (cfg.model.hub_id, cfg.model.kind, cfg.model.source, cfg.model.dtype) == (hub, "causal", "hub", "bf16")
