@@ -7,6 +7,9 @@
   precision ``LCS / len(candidate)``, recall ``LCS / len(reference)``, F1 their harmonic mean
   (``rouge_score``'s ``fmeasure``, what the probabilistic-evaluation paper's demo scores); 0 when either
   side has no token.
+* :func:`extract_final_number` -- the final number of a worked math answer (GSM8K: after the last ``####``,
+  else after the last "answer is", else the last number), :func:`number_match` -- exact match of that number
+  with a reference number (:func:`canonical_number`: no thousands separators, no trailing zeros).
 """
 from __future__ import annotations
 
