@@ -9,6 +9,12 @@ cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the pred
 
 A method predicts only once it is fitted (``posthoc_fit`` ran, or a saved state was loaded); before that,
 prediction raises a one-line error.
+
+On generation data (token-level SFT, head ``lm_sft``) a batch's rows are its target tokens (``row_sample``
+names each row's example): the loss averages the rows as ``loss.token_reduction`` says, with the UAL authors'
+smoothing target, and ``predict_step`` returns per-token scores of :meth:`token_predictive` (the mean over the
+method's weight draws of the token probabilities) instead of ``[N, V]`` probabilities
+(:func:`uqlora.core.sft.token_scores`).
 """
 from __future__ import annotations
 
