@@ -17,7 +17,7 @@ LAYERS = [
     ("metrics", ("metrics",)),
     ("core", ("core",)),
     ("methods", ("callbacks", "methods")),
-    ("predictions", ("predict", "evaluation")),
+    ("predictions", ("predict", "evaluation", "sft_eval")),
     ("report", ("report",)),
     ("orchestration", ("runs", "validate", "config", "build", "sources", "fit", "overrides", "tasks")),
     ("entry", ("cli", "api")),

@@ -19,14 +19,14 @@ from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
     "laplace_lora": 144, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "ual_sft_cpu": 9,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 
 
 OPTION_NAMES = {"laplace_ll": "laplace", "swag_lora": "swag", "multiswag_lora": "multiswag",  # option -> method.name
-                "tfb_official": "tfb"}
-
+                "tfb_official": "tfb", "ual_category": "ual"}
 
 def sweep_params(exp):
     from hydra import compose as hcompose, initialize_config_dir

@@ -17,6 +17,7 @@ from uqlora.errors import UqloraError
 from uqlora.methods import get_method
 from uqlora.models.backbone import build_backbone, resolve_head
 from uqlora.models.loading import load_pretrained
+from uqlora.models.sft import build_sft_backbone
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ def make_backbone(cfg: DictConfig, info: TaskInfo, head: str):
     """``(backbone, tokenizer)``: the pretrained model of ``cfg.model`` with fresh LoRA and the head scoring
     ``info``'s task (the answer words of ``cfg.data.prompt`` for ``lm_choices``)."""
     model, tok = load_pretrained(cfg.model)
+    if head == "lm_sft":  # token-level SFT of generation data
+        return build_sft_backbone(cfg.model, model), tok
     words = answer_words(cfg.data.get("prompt"), info.task, info.num_classes, info.label_names)
     return build_backbone(cfg.model, head, info.num_classes, answer_words=words, tokenizer=tok, model=model), tok
 
@@ -65,11 +68,27 @@ def make_backbone(cfg: DictConfig, info: TaskInfo, head: str):
 def build_member(cfg: DictConfig, task: Task, member_seed: int):
     """A fresh backbone (LoRA initialised with ``member_seed``), its method module and datamodule."""
     pl.seed_everything(member_seed, workers=True, verbose=False)
+    if task.head == "lm_sft":  # token-level SFT of generation data
+        check_generation_method(cfg, get_method(cfg.method.name))
     backbone, tok = make_backbone(cfg, task.info, task.head)
     method = get_method(cfg.method.name)(backbone, cfg)
     dm = UQDataModule(cfg.data, tok, task.head, causal=cfg.model.kind == "causal", seed=int(cfg.seed),
                       records=task.records, shuffle_seed=member_seed)
     return method, dm
+
+
+def check_generation_method(cfg: DictConfig, method_cls) -> None:
+    """Generation data trains one model whose predictive is a per-token vocabulary distribution: the methods
+    that declare ``supports_generation`` (MAP, UAL, MC dropout, SWAG), one member."""
+    if not getattr(method_cls, "supports_generation", False):
+        from uqlora.methods import METHODS
+
+        ok = sorted(n for n, c in METHODS.items() if getattr(c, "supports_generation", False))
+        raise UqloraError(f"method={cfg.method.name} does not run on generation data ({cfg.data.name}); valid "
+                          f"choices: {', '.join(ok)}")
+    if int(cfg.method.get("num_models", 1)) > 1:
+        raise UqloraError(f"method.num_models={cfg.method.num_models}: pooling members is not supported on generation "
+                          f"data ({cfg.data.name}); train one model per run")
 
 
 def setup(cfg: DictConfig):

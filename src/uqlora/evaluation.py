@@ -158,11 +158,12 @@ def probabilistic_report(cfg, run_dir: Path, split: str, p: dict, logger) -> dic
     return m
 
 
-def _generation_metrics(cfg, run_dir, split, p, alpha, logger, title) -> dict:
+def _generation_metrics(cfg, run_dir, split, p, alpha, logger, title, score: str | None = None) -> dict:
+    """``gen_*`` bounds of sampled free-text scores; ``score`` (default ``eval.prob.gen_score``) names them."""
     from uqlora.logging_utils import log_image
 
     scores, greedy = np.asarray(p["gen_scores"], np.float64), np.asarray(p["gen_greedy"], np.float64)
-    score = str(_prob_cfg(cfg).get("gen_score", "rouge_l"))
+    score = str(score or _prob_cfg(cfg).get("gen_score", "rouge_l"))
     binary = score == "exact_match"
     per_mean, lo, hi = expectation_bounds(scores.T, alpha, "two")
     if binary:  # exact for a binary score

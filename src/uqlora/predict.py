@@ -29,8 +29,9 @@ def predict(trainer: pl.Trainer, method, dm, split: str) -> dict[str, np.ndarray
     if world > 1:
         res = concat_outputs([p for p in all_gather_object(res) if p])
     res["ids"] = np.array([str(r["id"]) for r in dm.records[split]])
-    if len(res.get("labels", ())) != len(res["ids"]):
-        raise UqloraError(f"predictions on '{split}' cover {len(res.get('labels', ()))} of {len(res['ids'])} examples")
+    covered = len(res["labels"] if "labels" in res else res.get("n_tokens", ()))  # n_tokens: generation splits
+    if covered != len(res["ids"]):
+        raise UqloraError(f"predictions on '{split}' cover {covered} of {len(res['ids'])} examples")
     return res
 
 
@@ -49,6 +50,9 @@ def pool(members: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     M x S draws."""
     if len(members) == 1:
         return members[0]
+    if "n_tokens" in members[0]:
+        raise UqloraError("pooling members of generation runs is not supported: their predictions keep per-token "
+                          "scores, not the vocabulary distributions a pooled predictive averages")
     for m in members[1:]:
         if not np.array_equal(m["labels"], members[0]["labels"]) or not np.array_equal(m["ids"], members[0]["ids"]):
             raise UqloraError("ensemble members were evaluated on different examples; they must share data and seed")
@@ -79,7 +83,13 @@ def predict_member(cfg, method, dm, trainer, timings: dict, key: str, member: in
         t0 = time.perf_counter()
         preds[split] = predict(trainer, method, dm, split)
         timings[f"predict_{split}{key}"] = round(time.perf_counter() - t0, 3)
-        if split != "ood" and cfg.eval.get("probabilistic", False) and cfg.eval.get("prob", {}).get("generate", False):
+        if "n_tokens" in preds[split]:  # generation (token-level SFT): answers, sampled bounds, features
+            from uqlora.sft_eval import split_eval
+
+            t0 = time.perf_counter()
+            preds[split].update(split_eval(cfg, method, dm, split))
+            timings[f"generate_{split}{key}"] = round(time.perf_counter() - t0, 3)
+        elif split != "ood" and cfg.eval.get("probabilistic", False) and cfg.eval.get("prob", {}).get("generate", False):
             from uqlora.evaluation import generation_eval
 
             t0 = time.perf_counter()

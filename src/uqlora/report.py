@@ -50,6 +50,11 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, probability_score
     for split, p in preds.items():
         if split == "ood":
             continue
+        if "n_tokens" in p:  # a generation split (token-level SFT): its own arrays and metrics
+            from uqlora.sft_eval import report_split
+
+            metrics[split] = report_split(cfg, run_dir, split, p, logger)
+            continue
         m = evaluate_predictions(p["probs"], p["labels"], n_bins=n_bins, samples=p.get("samples"))
         if "ood" in preds:
             o = preds["ood"]
@@ -134,6 +139,10 @@ def print_table(results: dict, run_dir: Path) -> None:
     for split, m in results["metrics"].items():
         table.add_row(split, *(f"{100 * m[k]:.1f}%" if k in ("acc", "ece") else f"{m[k]:.3f}" for k in TABLE_KEYS))
     Console().print(table)
+    from uqlora.sft_eval import summary_line
+
+    for line in filter(None, (summary_line(split, m) for split, m in results["metrics"].items())):
+        print(line)
     for split, m in results["metrics"].items():
         det = {k[len("errdet_"):-len("_auroc")]: v for k, v in m.items() if k.startswith("errdet_") and k.endswith("_auroc")}
         if det:

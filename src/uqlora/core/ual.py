@@ -1,5 +1,7 @@
 """Uncertainty-aware label smoothing (UAL, Wang et al. 2024): per-example smoothing values from per-example
-uncertainties (the mapping of the authors' ``make_score_dist``)."""
+uncertainties (the mapping of the authors' ``make_score_dist``: scale to the target mean, clip at the cap,
+repeat until the mean is within 1e-3; where the authors' loop would never end -- too few examples with u > 0
+to reach the mean under the cap -- this raises)."""
 from __future__ import annotations
 
 import numpy as np
@@ -31,5 +33,7 @@ def map_uncertainty(u: np.ndarray, mapping: str, eps_mean: float = 0.1, eps_cap:
     for _ in range(1000):
         eps = np.minimum(eps / eps.mean() * eps_mean, eps_cap)
         if abs(eps.mean() - eps_mean) < 1e-3:
-            break
-    return eps
+            return eps
+    raise UqloraError(f"UAL: no smoothing values with mean method.eps_mean={eps_mean} under the cap "
+                      f"method.eps_cap={eps_cap}: only {int((u > 0).sum())} of {u.size} examples have u > 0 "
+                      f"(the mean reachable is {eps_cap * (u > 0).mean():.3g}); lower eps_mean or raise eps_cap")

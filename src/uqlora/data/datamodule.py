@@ -193,8 +193,13 @@ class UQDataModule(pl.LightningDataModule):
         self.cfg, self.seed = dcfg, int(seed)
         self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.info = task_info(dcfg)
-        self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
-                                 dcfg.get("prompt"), causal=causal)
+        if head == "lm_sft":  # token-level SFT of generation records (uqlora.data.sft)
+            from uqlora.data.sft import SFTCollator
+
+            self.collator = SFTCollator(tokenizer, int(dcfg.max_length), bool(dcfg.get("mask_prompt", True)))
+        else:
+            self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
+                                     dcfg.get("prompt"), causal=causal)
         self.records = records
 
     def setup(self, stage=None):

@@ -9,6 +9,12 @@ cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the pred
 
 A method predicts only once it is fitted (``posthoc_fit`` ran, or a saved state was loaded); before that,
 prediction raises a one-line error.
+
+On generation data (token-level SFT, head ``lm_sft``) a batch's rows are its target tokens (``row_sample``
+names each row's example): the loss averages the rows as ``loss.token_reduction`` says, with the UAL authors'
+smoothing target, and ``predict_step`` returns per-token scores of :meth:`token_predictive` (the mean over the
+method's weight draws of the token probabilities) instead of ``[N, V]`` probabilities
+(:func:`uqlora.core.sft.token_scores`).
 """
 from __future__ import annotations
 
@@ -21,24 +27,35 @@ import torch
 from torch.nn import functional as F
 
 from uqlora.core.scores import entropy_of_logits
+from uqlora.core.sft import row_weights, token_scores
 from uqlora.errors import UqloraError
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor = 0.0,
-                           choice_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of (1 - eps) * NLL + eps * (mean over the valid classes of -log p_c).
+                           choice_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                           others_only: bool = False) -> torch.Tensor:
+    """Mean over rows (or the ``weight``-weighted sum) of (1 - eps) * NLL + eps * (mean over the valid classes
+    of -log p_c). A row is an example (classification) or a target token (token-level SFT, C = the vocabulary).
 
-    ``eps`` may be a scalar or a per-example tensor [B]; masked (padded) choices get no smoothing mass,
-    unlike ``F.cross_entropy(label_smoothing=...)`` which would spread it over them too.
+    ``eps`` may be a scalar or a per-row tensor [R]; masked (padded) choices get no smoothing mass, unlike
+    ``F.cross_entropy(label_smoothing=...)`` which would spread it over them too. ``others_only``: the mean
+    runs over the C - 1 classes other than the label (the UAL authors' target: 1 - eps on the label, eps / (V - 1)
+    on every other token) instead of all C.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    z = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least (bf16/fp16 logits upcast)
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    reduce = (lambda x: x.mean()) if weight is None else (lambda x: (x * weight.to(x.dtype)).sum())  # noqa: E731
     if not torch.is_tensor(eps) and eps == 0.0:
-        return nll.mean()
-    mask = torch.ones_like(logp) if choice_mask is None else choice_mask.to(logp.dtype)
-    smooth = -(logp * mask).sum(1) / mask.sum(1)
-    eps = torch.as_tensor(eps, dtype=logp.dtype, device=logp.device)
-    return ((1 - eps) * nll + eps * smooth).mean()
+        return reduce(nll)
+    if choice_mask is None:  # sum_c log p_c from the logits, without a second [R, C] tensor
+        sum_logp, n = z.sum(1) - z.shape[1] * lse, float(z.shape[1])
+    else:
+        mask = choice_mask.to(z.dtype)
+        sum_logp, n = ((z - lse.unsqueeze(1)) * mask).sum(1), mask.sum(1)
+    smooth = (-(sum_logp + nll) / (n - 1)) if others_only else -sum_logp / n
+    eps = torch.as_tensor(eps, dtype=z.dtype, device=z.device)
+    return reduce((1 - eps) * nll + eps * smooth)
 
 
 predictive_entropy = entropy_of_logits  # the entropy term of the loss (kept under its old name)
@@ -81,6 +98,7 @@ class UQMethod(pl.LightningModule):
     strict_loading = False  # Lightning checkpoints hold only the trainable tensors (see on_save_checkpoint)
     probability_scores: tuple[str, ...] = ()  # per-example u_* outputs meant as P(error) (their ECE is reported)
     extra_state_prefixes: tuple[str, ...] = ()  # trained state outside the backbone kept in last.ckpt (e.g. "var.")
+    supports_generation = False  # trains / predicts token-level SFT (generation data, head lm_sft)
 
     def __init__(self, backbone, cfg):
         super().__init__()
@@ -94,6 +112,8 @@ class UQMethod(pl.LightningModule):
         self.entropy_weight_rest = float(cfg.loss.get("entropy_weight_rest", 0.0))
         self.entropy_subset = str(cfg.loss.get("entropy_subset", "all") or "all")
         entropy_subset_flags(self.entropy_subset, [])  # validate the spelling before any training
+        self.token_reduction = str(cfg.loss.get("token_reduction", "sample"))  # token-level SFT: see row_loss_args
+        row_weights(torch.zeros(1, dtype=torch.long), 1, self.token_reduction)  # validate the spelling
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
         self.precision = str(cfg.model.get("precision", "32-true"))
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
@@ -122,8 +142,18 @@ class UQMethod(pl.LightningModule):
         return self.backbone.logits(batch)
 
     def loss(self, logits, batch):
-        ce = smoothed_cross_entropy(logits, batch["labels"], self.label_smoothing, batch.get("choice_mask"))
+        ce = smoothed_cross_entropy(logits, batch["labels"], self.label_smoothing, batch.get("choice_mask"),
+                                    **self.row_loss_args(batch))
         return ce + self.entropy_term(logits, batch)
+
+    def row_loss_args(self, batch) -> dict:
+        """Token-level SFT batches (rows = target tokens, ``row_sample``): the rows' weights
+        (``loss.token_reduction``, :func:`uqlora.core.sft.row_weights`) and the authors' smoothing target
+        (``others_only``); classification batches: none (mean over examples, smoothing over all classes)."""
+        if "row_sample" not in batch:
+            return {}
+        n = batch["input_ids"].shape[0]
+        return {"weight": row_weights(batch["row_sample"], n, self.token_reduction), "others_only": True}
 
     def entropy_term(self, logits, batch) -> torch.Tensor | float:
         r"""The entropy-optimisation term of Scholten et al. (ICLR 2025, their ``unlearning_trainer.py``):
@@ -169,6 +199,9 @@ class UQMethod(pl.LightningModule):
         self.val_ece.update(probs, labels)
         self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=n)
         self.log("val/ece", self.val_ece, prog_bar=True, on_epoch=True, batch_size=n)
+        if "row_sample" in batch:  # token rows: [R, V] probabilities are too large to keep for the epoch
+            conf, pred = probs.max(-1)
+            return {"confidence": conf, "correct": pred == labels}
         return {"probs": probs, "labels": labels}
 
     def predictive(self, batch) -> torch.Tensor:
@@ -195,7 +228,24 @@ class UQMethod(pl.LightningModule):
     def end_predict(self) -> None:
         """After a prediction pass (e.g. put the point estimate back)."""
 
+    def token_predictive(self, batch) -> torch.Tensor:
+        """Token-level SFT: the predictive next-token distribution ``[R, V]`` at the batch's target rows -- the
+        point estimate's, or for a method with S > 1 weight draws the mean over S of the token probabilities,
+        accumulated one draw at a time (S x [R, V] is never held)."""
+        S = int(self.num_weight_samples())
+        if S <= 1:
+            return self.predictive(batch).float()
+        p = None
+        for s in range(S):
+            with self.weight_sample(s):
+                q = self(batch).float().softmax(-1)
+            p = q if p is None else p.add_(q)
+        return p / S
+
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        if "row_sample" in batch:  # token-level SFT: per-token scores of the reference answers
+            return token_scores(self.token_predictive(batch), batch["labels"], batch["row_sample"],
+                                batch["input_ids"].shape[0])
         samples = self.predictive_samples(batch)
         if samples is not None:  # the predictive of a sampling method is the mean of its sampled probabilities
             samples = samples.float()

@@ -29,6 +29,7 @@ class MCDropoutConfig(MethodConfig):
 
 @register("mc_dropout", MCDropoutConfig)
 class MCDropout(UQMethod):
+    supports_generation = True  # token-level SFT (generation data)
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
         self.dropouts = [m for n, m in backbone.named_modules() if isinstance(m, nn.Dropout)

@@ -67,6 +67,7 @@ class SwagConfig(MethodConfig):
 
 @register("swag", SwagConfig)
 class SWAGMethod(UQMethod):
+    supports_generation = True  # token-level SFT (generation data)
     restore_best_after_fit = False  # the SWAG mean, not the best MAP adapter, is what SWAG predicts with
 
     def __init__(self, backbone, cfg):

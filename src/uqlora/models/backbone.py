@@ -29,7 +29,7 @@ from uqlora.errors import ModelError, UqloraError
 
 log = logging.getLogger(__name__)
 MASKED_LOGIT = -1e9
-HEADS = ("classifier", "mc_classifier", "lm_choices", "lm_cloze")
+HEADS = ("classifier", "mc_classifier", "lm_choices", "lm_cloze", "lm_sft")  # lm_sft: built by uqlora.models.sft
 
 
 def _last_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -258,6 +258,13 @@ def _lora(transformer: nn.Module, lcfg) -> nn.Module:
 
 def resolve_head(mcfg, task: str) -> str:
     head = mcfg.get("head", "auto")
+    if task == "generation":  # token-level SFT: the only head for generation data (uqlora.models.sft)
+        if head not in ("auto", "lm_sft") or mcfg.kind != "causal":
+            raise ModelError(f"generation data needs a causal LM with model.head=lm_sft (or auto); got model "
+                             f"'{mcfg.name}' ({mcfg.kind}) with head={head}")
+        return "lm_sft"
+    if head == "lm_sft":
+        raise ModelError(f"model.head=lm_sft trains on generation data (gsm8k, instruct, ...); this data is {task}")
     if head == "auto":
         if mcfg.kind == "encoder":
             head = "classifier" if task == "classification" else "mc_classifier"

@@ -19,11 +19,12 @@ from uqlora.results.collect import Run, TablesError, split_runs
 from uqlora.results.names import SCORE_NAMES, method_names, method_order, score_order
 
 DEFAULT_METRICS = ("acc", "ece", "nll", "brier", "aurc", "auroc_misclf",
-                   "ood_max_prob_auroc", "ood_max_prob_fpr95", "ood_neg_mutual_information_auroc")
+                   "ood_max_prob_auroc", "ood_max_prob_fpr95", "ood_neg_mutual_information_auroc",
+                   "gsm8k_acc", "rouge_l")  # the last two: generation runs (token-level SFT)
 ERRDET_METRICS = ("auroc", "auprc", "aurc", "ece")
 PERCENT = re.compile(r"(^|_)(acc|ece|mce)$")
 LOWER = re.compile(r"(^|_)(ece|mce|nll|brier|aurc|eaurc|fpr95)(_|$)")
-HIGHER = re.compile(r"(^|_)(acc|auroc|auprc|aupr_in|aupr_out)(_|$)")
+HIGHER = re.compile(r"(^|_)(acc|auroc|auprc|aupr_in|aupr_out|rouge_l)(_|$)")
 ERRDET = re.compile(r"errdet_(.+)_(auroc|auprc|aurc|ece)")
 VIEWS = ("methods", "errdet")
 ERRDET_METHOD = "adue"  # the method whose error-detection scores are rows of their own

@@ -24,6 +24,13 @@ def _predictions(run: Run, split: str) -> dict | None:
     return RunDir(run.path).predictions(split)
 
 
+def _top_label(p: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of each prediction row: the examples, or the next tokens of a generation run."""
+    if "tok_conf" in p:
+        return np.asarray(p["tok_conf"], dtype=float), np.asarray(p["tok_correct"], dtype=bool)
+    return p["probs"].max(1), p["probs"].argmax(1) == p["labels"]
+
+
 def groups(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
     """The complete runs by (model, data), then by method label in row order."""
     used, _, _ = split_runs(runs)
@@ -37,14 +44,14 @@ def groups(runs: list[Run]) -> dict[tuple[str, str], dict[str, list[Run]]]:
 def pooled_reliability(runs: list[Run], split: str, n_bins: int = 15) -> dict | None:
     """Reliability bins of the seeds' predictions pooled (counts added, accuracy/confidence count-weighted);
     None when no run has ``predictions/<split>.npz``."""
-    from uqlora.metrics import reliability_bins
+    from uqlora.metrics.calibration import confidence_bins
 
     acc = conf = count = None
     for r in runs:
         p = _predictions(r, split)
         if p is None:
             continue
-        b = reliability_bins(p["probs"], p["labels"], n_bins=n_bins)
+        b = confidence_bins(*_top_label(p), n_bins=n_bins)
         c = b["count"].astype(float)
         if count is None:
             edges, acc, conf, count = b["edges"], np.zeros(n_bins), np.zeros(n_bins), np.zeros(n_bins)
@@ -71,8 +78,8 @@ def mean_risk_coverage(runs: list[Run], split: str, grid: np.ndarray) -> dict[st
         p = _predictions(r, split)
         if p is None:
             continue
-        correct = p["probs"].argmax(1) == p["labels"]
-        scores = {"max_prob": p["probs"].max(1)}
+        conf, correct = _top_label(p)
+        scores = {"max_prob": conf}
         scores.update({k[2:]: -np.asarray(p[k], dtype=float) for k in p if k.startswith("u_")})
         for name, s in scores.items():
             cov, risk = risk_coverage_curve(s, correct)

@@ -39,6 +39,7 @@ METRIC_NAMES = {
     "auroc_misclf": "AUROC (misclassification)", "auprc_misclf": "AUPRC (misclassification)",
     "errdet_auroc": "error-detection ROC-AUC", "errdet_auprc": "error-detection AUPRC",
     "errdet_aurc": "error-detection AURC", "errdet_ece": "ECE of u as P(error)",
+    "gsm8k_acc": "GSM8K exact match", "rouge_l": "ROUGE-L", "silhouette_source": "silhouette by source",
 }
 BASELINE = "map"  # the method class whose rows come first
 
