@@ -257,14 +257,14 @@ def test_multi_member_and_chained_base_runs_fail_with_one_line(tmp_path):
         train(_cfg(tmp_path, "t", *TINY, "method=temperature", f"method.map_run={ens}"))
     assert "\n" not in str(e.value)
     chained = _fake_run(tmp_path, "tt", "method=temperature", f"method.map_run={ens}")
-    with pytest.raises(UqloraError, match="is itself temperature scaling"):
+    with pytest.raises(UqloraError, match="is itself temperature of"):
         train(_cfg(tmp_path, "t2", *TINY, "method=temperature", f"method.map_run={chained}"))
     with pytest.raises(UqloraError, match="not a run directory"):
         train(_cfg(tmp_path, "t3", *TINY, "method=temperature", f"method.map_run={tmp_path / 'nosuch'}"))
 
 
 def test_empty_calib_split_fails_before_training(tmp_path):
-    with pytest.raises(UqloraError, match="method.split=calib has no examples"):
+    with pytest.raises(UqloraError, match="split 'calib' has no examples"):
         train(_cfg(tmp_path, "x", *TINY, "method=temperature", "data.calib_size=0"))
 
 
@@ -272,5 +272,6 @@ def test_config_defaults_compose():
     from conftest import compose
 
     cfg = compose(["method=temperature"])
-    assert OmegaConf.to_container(cfg.method) == {"name": "temperature", "split": "calib", "max_iter": 100,
-                                                  "map_run": None}
+    assert OmegaConf.to_container(cfg.method, enum_to_str=True) == {"name": "temperature", "display_name": "Temperature",
+                                                  "map_run": None, "adapter": None, "split": "calib",
+                                                  "max_iter": 100}
