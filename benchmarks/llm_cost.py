@@ -10,8 +10,8 @@ subprocess (so its peak RSS is its own):
 2. every method relative to MAP on the same data, ARC-Easy (cloze) and SST-2 (label words) side by side:
    training time per epoch / one MAP epoch, post-hoc fit time / one MAP epoch, test-time cost / one MAP test
    pass, extra floats stored (the method's saved state) / LoRA (+ head) parameters, peak RSS / MAP's. Each
-   method runs through the project's own code: ``pipeline.setup``, Lightning ``fit`` for one epoch (the
-   method's callbacks included), ``method.posthoc_fit`` on the MAP adapter, ``pipeline.predict`` on test.
+   method runs through the project's own code: ``build.setup``, Lightning ``fit`` for one epoch (the
+   method's callbacks included), ``method.posthoc_fit`` on the MAP adapter, ``predict.predict`` on test.
    Ensembles are their members' costs times M (members run one after another). A method added later is one
    line of ``METHODS``.
 
@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -126,7 +126,7 @@ def work_cloze(job: dict) -> dict:
     """Training steps and scoring of one cloze path at batch 8."""
     import torch
 
-    from uqlora.pipeline import setup
+    from uqlora.build import setup
 
     n = job["sizes"]
     cfg = _compose(["data=arc_e", f"model.cloze_impl={job['impl']}", "data.batch_size=8", "data.eval_batch_size=8",
@@ -172,7 +172,7 @@ def work_parity(job: dict) -> dict:
     import torch
 
     from uqlora.data.prompts import Collator
-    from uqlora.pipeline import setup
+    from uqlora.build import setup
 
     cfg = _compose(["data=arc_e", f"data.max_test_samples={job['sizes']['parity']}"])
     method, dm = setup(cfg)
@@ -209,7 +209,8 @@ def work_method(job: dict) -> dict:
     import torch
 
     import uqlora.methods.laplace as laplace_module
-    from uqlora.pipeline import build_trainer, predict, setup
+    from uqlora.build import build_trainer, setup
+    from uqlora.predict import predict
 
     n, spec = job["sizes"], job["spec"]
     cfg = _compose([f"data={job['data']}", f"data.max_train_samples={n['train']}", f"data.max_val_samples={n['val']}",
@@ -254,7 +255,7 @@ def work_method(job: dict) -> dict:
         out["posthoc_s"] = now() - t0
         if kfac_s:
             out["kfac_s"] = sum(kfac_s)
-        trainer = build_trainer(cfg, run, False, [], inference_mode=not getattr(method, "needs_grad_in_predict", False))
+        trainer = build_trainer(cfg, run, False, [])
         t0 = now()
         res = predict(trainer, method, dm, "test")
         out["test_s"] = now() - t0

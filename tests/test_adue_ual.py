@@ -10,13 +10,14 @@ import torch
 from torch.nn import functional as F
 
 from test_swag import _cfg, _eval, _save_hydra
-from uqlora.core.adue import (AdUEHead, Cached, Mahalanobis, adue_loss, grid_search, normalized_entropy,
-                              smoothmax_uncertainty, sr_uncertainty)
+from uqlora.core.adue import AdUEHead, Cached, Mahalanobis, adue_loss, grid_search, smoothmax_uncertainty
+from uqlora.core.scores import normalized_entropy, sr_uncertainty
 from uqlora.errors import UqloraError
+from uqlora.overrides import check_overrides
 from uqlora.methods.base import smoothed_cross_entropy
-from uqlora.methods.ual import map_uncertainty
+from uqlora.core.ual import map_uncertainty
 from uqlora.metrics import evaluate_error_detection
-from uqlora.pipeline import train
+from uqlora.tasks import train
 
 F64 = torch.float64
 
@@ -167,11 +168,11 @@ def test_ual_teacher_uncertainties_are_cached_and_reused(tmp_path, monkeypatch):
     cached = json.loads(open(post["teacher_cache"]).read())
     assert len(cached["u"]) == 48 and len(cached["identity"]["members"]) == 2
     # the teacher's normalised entropy of its pooled predictive on the training examples
-    from uqlora import pipeline
+    from uqlora.sources import RunAccess
 
     calls = []
-    real = pipeline.run_predictions
-    monkeypatch.setattr(pipeline, "run_predictions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = RunAccess.predictions
+    monkeypatch.setattr(RunAccess, "predictions", lambda *a, **k: calls.append(1) or real(*a, **k))
     m2, o2 = train(_cfg(tmp_path, "ual2", *args))
     post2 = json.loads((o2["run_dir"] / "results.json").read_text())["train"]["posthoc"]
     assert post2["teacher_cache_hit"] is True and post2["teacher_cache"] == post["teacher_cache"] and not calls
@@ -201,8 +202,8 @@ def test_ual_column_source_and_bad_inputs(tmp_path):
         train(_cfg(tmp_path, "nt", *TINY, "method=ual"))
     with pytest.raises(UqloraError, match="loss.label_smoothing must be 0"):
         train(_cfg(tmp_path, "ls", *TINY, "method=ual", "loss.label_smoothing=0.1"))
-    with pytest.raises(UqloraError, match="valid choices: column, teacher"):
-        train(_cfg(tmp_path, "src", *TINY, "method=ual", "method.uncertainty_source=nosuch"))
+    with pytest.raises(UqloraError, match="valid choices: column, teacher"):  # refused when composed
+        check_overrides(["method=ual", "method.uncertainty_source=nosuch"])
 
 
 # --- AdUE end to end ------------------------------------------------------------------------------------------------
@@ -231,13 +232,15 @@ def test_adue_run_reuses_map_run_keeps_predictions_and_eval_reuses_head(tmp_path
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("method.fit_split=test", "never test"),
+    ("method.fit_split=test", "unknown method.fit_split 'test'; valid choices: train, calib, val"),
     ("method.select_split=train", "both 'train'"),
     ("method.lam=0", "method.lam=0.0 is impossible; valid: a finite number > 0"),
 ])
 def test_bad_adue_options_fail_with_one_line(tmp_path, bad, match):
-    with pytest.raises(UqloraError, match=match):
-        train(_cfg(tmp_path, "x", *TINY, "method=adue", bad))
+    with pytest.raises(UqloraError, match=match) as e:
+        check_overrides(["method=adue", bad])  # a choice outside its enumeration: refused when composed
+        train(_cfg(tmp_path, "x", *TINY, "method=adue", bad))  # a range or a cross-field rule: before anything loads
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("model,data,extra", [

@@ -264,7 +264,8 @@ def test_real_smollm2_packed_equals_separate_on_arc_easy():
 def test_grouped_evaluation_predictions_equal_data_order(data):
     import lightning.pytorch as pl
 
-    from uqlora.pipeline import predict, setup
+    from uqlora.build import setup
+    from uqlora.predict import predict
 
     cfg = compose(["model=tiny_llama", f"data={data}", "data.max_test_samples=23", "data.eval_batch_size=4",
                    "progress_bar=none"])
