@@ -270,6 +270,7 @@ def test_grouped_evaluation_predictions_equal_data_order(data):
     cfg = compose(["model=tiny_llama", f"data={data}", "data.max_test_samples=23", "data.eval_batch_size=4",
                    "progress_bar=none"])
     method, dm = setup(cfg)
+    method.posthoc_fit(dm)  # MAP: nothing to fit; the method may predict from here on
     method.backbone.eval()
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     grouped = dm.loader("test")
