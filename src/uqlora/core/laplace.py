@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from uqlora.core.kfac import stable_eigh
+from uqlora.core.kron_factor import stable_eigh
 from uqlora.errors import UqloraError
 
 log = logging.getLogger(__name__)
