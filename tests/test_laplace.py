@@ -203,6 +203,101 @@ def test_kfac_expand_factors_per_position_and_padding_invariant():
         _fit(net, batch, approx="nosuch")
 
 
+def test_kfac_expand_sum_factors_every_padded_position_without_1_over_T():
+    """KFAC-expand as the Laplace-LoRA code computes it (ASDL ``kfac-expand`` with data_size=1): A sums
+    a_t a_t^T over every position of the padded batch -- pads included, no 1/T -- and G is expand's. Without
+    padding, A is exactly T times expand's; the head (one vector per example) is the same under all three."""
+    net = TinyLoRANet(seed=5)
+    batch = _data(7, T=4, seed=6)
+    batch["x"] = batch["x"] + 3.0 * (batch["attention_mask"] == 0).unsqueeze(-1)  # non-zero pad activations
+    layers, _ = _fit(net, batch, bs=7, approx="expand_sum")
+    _, expand = _fit(net, batch, bs=7, approx="expand")
+    x = batch["x"]
+    with torch.no_grad():
+        u = net.lora_A(x)
+    expect_A = {"lora_A": torch.einsum("bti,btj->ij", x, x), "lora_B": torch.einsum("bti,btj->ij", u, u)}
+    for lay, ref in zip(layers, expand.layers):
+        torch.testing.assert_close(lay.G.dense(), ref.G.dense(), rtol=1e-10, atol=1e-12)
+        if lay.name in expect_A:
+            torch.testing.assert_close(lay.A.dense(), expect_A[lay.name], rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(lay.A.dense(), ref.A.dense(), rtol=1e-10, atol=1e-12)
+    full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}   # no pads: exactly T x expand
+    sums, _ = _fit(net, full, bs=7, approx="expand_sum")
+    means, _ = _fit(net, full, bs=7, approx="expand")
+    for a, b in zip(sums, means):
+        torch.testing.assert_close(a.A.dense(), (4.0 if a.name != "head" else 1.0) * b.A.dense(), rtol=1e-10,
+                                   atol=1e-12)
+
+
+class SeqLoRANet(TinyLoRANet):
+    """TinyLoRANet with a choice of activation (tanh, or none: LoRA followed linearly by the pooling) and of
+    pooling over the positions (masked mean, or the last non-pad position)."""
+
+    def __init__(self, seed=0, act=True, pool="mean"):
+        super().__init__(seed)
+        self.act, self.pool = act, pool
+
+    def logits(self, batch):
+        x, m = batch["x"], batch["attention_mask"].unsqueeze(-1).to(F64)
+        h = self.base(x) + self.lora_B(self.lora_A(x))
+        h = torch.tanh(h) if self.act else h
+        if self.pool == "mean":
+            h = (h * m).sum(1) / m.sum(1)
+        else:
+            h = h[torch.arange(h.shape[0]), batch["attention_mask"].sum(1) - 1]
+        return self.head(self.head_input(h))
+
+
+def _trace_ratios(net, batch, approx):
+    """tr(KFAC block) / tr(exact GGN block) per layer, both for the summed NLL of the batch."""
+    layers, res = _fit(net, batch, bs=batch["labels"].shape[0], approx=approx)
+    ggn = _dense_ggn(net, batch)
+    return {lay.name: float(torch.trace(lay.G.dense()) * torch.trace(lay.A.dense()) / res.n_data
+                            / torch.trace(ggn[lay.name])) for lay in layers}
+
+
+def test_three_kfac_definitions_against_the_exact_ggn():
+    """All three against the exact GGN (float64, brute-force Jacobians) of a tiny LoRA net over sequences of
+    T = 16 positions (no padding; 8 sequences). Known answers: one position -> all three are the exact GGN
+    (checked above for one example); a LoRA layer followed *linearly* by mean pooling, one example -> KFAC-reduce
+    is the exact GGN block; expand_sum = T x expand for the LoRA layers. Measured trace ratios KFAC / GGN
+    (lora_A, lora_B; the head's is 1.002 / 1.007 under all three), tanh net, inputs with mean 0.5:
+
+        mean pooling:   reduce 1.27, 1.55    expand 0.80, 0.43    expand_sum 12.8, 6.9
+        last position:  reduce 0.26, 0.54    expand 1.33, 1.34    expand_sum 21.3, 21.5
+
+    No definition is exact for one loss per sequence; which scale is better for the predictive is measured
+    on real models (benchmarks/laplace_kfac_study.py), not here."""
+    T = 16
+    g = torch.Generator().manual_seed(11)
+    batch = {"x": torch.randn(8, T, D_IN, generator=g, dtype=F64) + 0.5, "labels": torch.randint(0, C, (8,), generator=g),
+             "attention_mask": torch.ones(8, T, dtype=torch.long)}
+    one = {k: v[:1] for k, v in batch.items()}
+    lin = SeqLoRANet(seed=12, act=False, pool="mean")
+    layers, _ = _fit(lin, one, bs=1, approx="reduce")
+    ggn = _dense_ggn(lin, one)
+    for lay in layers:
+        torch.testing.assert_close(torch.kron(lay.G.dense(), lay.A.dense()), ggn[lay.name], rtol=1e-9, atol=1e-12)
+    measured = {}
+    for pool in ("mean", "last"):
+        net = SeqLoRANet(seed=12, act=True, pool=pool)
+        for approx in ("reduce", "expand", "expand_sum"):
+            ratios = _trace_ratios(net, batch, approx)
+            measured[pool, approx] = (ratios["lora_A"], ratios["lora_B"], ratios["head"])
+        heads = {measured[pool, a][2] for a in ("reduce", "expand", "expand_sum")}
+        assert max(heads) == pytest.approx(min(heads), rel=1e-9)  # the head: one vector per example, T = 1
+        for k in range(2):
+            assert measured[pool, "expand_sum"][k] == pytest.approx(T * measured[pool, "expand"][k], rel=1e-9)
+    print("trace ratio KFAC / exact GGN (lora_A, lora_B, head):",
+          {f"{p}/{a}": tuple(round(r, 4) for r in v) for (p, a), v in measured.items()})
+    expect = {("mean", "reduce"): (1.2703, 1.5499), ("mean", "expand"): (0.8014, 0.4290),
+              ("mean", "expand_sum"): (12.8226, 6.8639), ("last", "reduce"): (0.2552, 0.5404),
+              ("last", "expand"): (1.3325, 1.3408), ("last", "expand_sum"): (21.3193, 21.4527)}
+    for key, (ra, rb) in expect.items():
+        assert measured[key][:2] == pytest.approx((ra, rb), rel=1e-3), key
+
+
 def test_fit_runs_in_eval_mode_and_is_deterministic():
     net = TinyLoRANet(dropout=0.5).train()
     batch = _data(7)

@@ -9,13 +9,26 @@ with ``vec`` the row-major flattening of W (``vec(g a^T) = g (x) a``) and ``g_n`
 ``-log p(y | x_n)`` w.r.t. the layer's output. LoRA A ([r, d_in]) and LoRA B ([d_out, r]) are separate
 layers, and the classifier head (or the answer rows of a causal LM's head) is one more layer.
 
-Sequences (weight sharing over positions, one loss per sequence; Eschenhagen et al. 2023): KFAC-*expand*
-(``approx="expand"``, the default; what the Laplace-LoRA code (laplace-torch with ASDL's ``kfac-expand``)
-and curvlinops use) sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each example's
-positions. KFAC-*reduce* (``approx="reduce"``): ``a_n`` = the mean of the layer's inputs over the example's
-non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad
-positions are masked out and get zero gradient), so the factors do not depend on how examples are batched.
-For the cloze head an example is its C continuation sequences together.
+Sequences (weight sharing over the T_n positions of example n, one loss per example; Eschenhagen et al.
+2023). ``g_{n,t}`` = the output gradient at position t, ``a_{n,t}`` = the input there; three definitions
+(``approx``), which differ in the scale of the LoRA layers' factors (the head sees one vector per example,
+T = 1, and gets the same factors under all three):
+
+* ``reduce`` (KFAC-reduce): ``A = sum_n abar_n abar_n^T`` with ``abar_n`` the mean input over the example's
+  non-pad positions, ``G = sum_n E[(sum_t g_{n,t})(sum_t g_{n,t})^T]``.
+* ``expand`` (KFAC-expand with curvlinops' scale; the default): ``A = sum_n (1/T_n) sum_t a_{n,t} a_{n,t}^T``
+  over the example's non-pad positions (its own length, where curvlinops divides by the padded length, pads
+  included), ``G = sum_n sum_t E[g_{n,t} g_{n,t}^T]``.
+* ``expand_sum`` (KFAC-expand as the Laplace-LoRA code computes it: ASDL's ``kfac-expand`` called with
+  ``data_size=1``, inputs flattened over batch x positions, then divided by N by laplace-torch):
+  ``A = sum_n sum_t a_{n,t} a_{n,t}^T`` over *every* position of the padded batch, pads included, no 1/T;
+  ``G`` as ``expand``. So A is ~T times ``expand``'s, and it depends on how examples are batched and
+  padded (a short sentence in a long batch adds its pad activations), as in the paper's code.
+
+Under ``reduce`` and ``expand`` pad positions are masked out (they have zero output gradient), so those
+factors do not depend on the batching. For the cloze head an example is its C continuation sequences
+together. None of the three equals the exact GGN for one loss per sequence (``reduce`` does for a layer
+followed linearly by mean pooling; tests/test_laplace.py reports all three's trace ratios to the GGN).
 
 Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
 ``sqrt(p_c) (e_c - p)`` (whose outer products sum to diag(p) - p p^T); ``mc`` -- ``n`` labels sampled
@@ -45,7 +58,7 @@ from uqlora.errors import UqloraError
 log = logging.getLogger(__name__)
 FISHERS = ("exact", "mc", "empirical")
 SUBSETS = ("all", "last_layer")
-KFAC_APPROX = ("reduce", "expand")
+KFAC_APPROX = ("reduce", "expand", "expand_sum")
 
 
 @dataclass
@@ -206,7 +219,8 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
 
     ``approx="reduce"``: one row per example (mean input, summed output gradient). ``approx="expand"``:
     one row per non-pad position, inputs scaled by ``1/sqrt(T_n)`` so A sums each example's *mean* of
-    ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position."""
+    ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position.
+    ``approx="expand_sum"``: one row per position of the padded batch, pads included, unscaled."""
     labels = batch["labels"]
     B = labels.shape[0]
     logp = torch.log_softmax(logits.detach().double(), -1)
@@ -223,6 +237,9 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
             a_rows = (a.double() * (mf / mf.sum(1, keepdim=True).clamp(min=1.0)).sqrt())[m]   # [sum T_n, in]
             lay.A.update(a_rows)
             lay.G.update(g[:, m].reshape(-1, d_out))                            # pads: zero gradient anyway
+        elif approx == "expand_sum":
+            lay.A.update(a.double().reshape(-1, a.shape[-1]))                   # [B * T, in]: pads included
+            lay.G.update(g.reshape(-1, d_out))
         else:
             lay.A.update((a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0))  # [B, in]: mean over positions
             lay.G.update(g.sum(2).reshape(S * B, d_out))                        # sum over positions

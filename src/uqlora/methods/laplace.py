@@ -50,7 +50,7 @@ class LaplaceConfig:
     name: str = "laplace"
     subset: str = "all"           # all | last_layer
     fisher: str = "exact"         # exact | mc | empirical
-    kfac_approx: str = "expand"   # expand | reduce (over token positions); expand as the paper's code
+    kfac_approx: str = "expand"   # reduce | expand | expand_sum (over token positions; core/kfac.py)
     fisher_samples: int = 1       # mc: labels sampled per example
     n_kfac: int = 10              # rank kept for wide factors (paper: 10)
     lowrank_threshold: int = 1024  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
