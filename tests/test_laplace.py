@@ -425,6 +425,52 @@ def test_state_dict_roundtrip():
     torch.testing.assert_close(again.dense_covariance(), post.dense_covariance(), rtol=0, atol=0)
 
 
+def test_lm_choices_prior_is_on_the_change_from_the_pretrained_rows(tmp_path):
+    """The answer rows of an lm_choices head start from the pretrained LM-head rows: the prior is centred there
+    (stored in the posterior and its state). Adding one large vector v to every pretrained row and every MAP row
+    leaves the predictive unchanged (each logit moves by f.v) and so must leave the evidence unchanged."""
+    import copy
+
+    from conftest import compose
+    from uqlora.data.prompts import Collator
+    from uqlora.models.backbone import build_backbone
+    from uqlora.models.loading import load_pretrained
+
+    mcfg = compose(["model=tiny_llama"]).model
+    model, tok = load_pretrained(mcfg)
+    bb = build_backbone(mcfg, "lm_choices", 2, answer_words=[" no", " yes"], tokenizer=tok, model=model).double().eval()
+    recs = [{"id": str(i), "text": t, "text_pair": None, "label": i % 2}
+            for i, t in enumerate(["a fine film", "dull and long", "great", "awful acting", "not bad at all", "meh"])]
+    batch = Collator(tok, "lm_choices", "classification", 2, 64, {"template": "Review: {text}\nSentiment:"})(recs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the "trained" rows: the pretrained ones plus a change
+        bb.answer_rows.add_(0.05 * torch.randn(bb.answer_rows.shape, generator=g, dtype=F64))
+
+    def evidence():
+        layers = select_layers(bb, "all")
+        res = fit_kfac(bb, [batch], layers, progress=False)
+        post = KronPosterior.from_kfac(res, 3.0)
+        return post, float(post.log_marginal_likelihood())
+
+    post, before = evidence()
+    pretrained = bb.generation_lm_head.weight.detach()[bb.answer_token_ids].double()
+    torch.testing.assert_close(post.prior_mean[-1], pretrained)
+    assert all(m is None for m in post.prior_mean[:-1])  # LoRA layers: zero mean
+    assert float(post.sq_dist()[-1]) == pytest.approx(float(((bb.answer_rows.detach() - pretrained) ** 2).sum()))
+    path = tmp_path / "post.pt"
+    torch.save(post.state_dict(), path)
+    again = KronPosterior.from_state_dict(torch.load(path, weights_only=True))
+    assert float(again.log_marginal_likelihood()) == before
+    v = 40.0 * torch.randn(bb.answer_rows.shape[1], generator=g, dtype=F64)
+    head = copy.deepcopy(bb.generation_lm_head)
+    with torch.no_grad():
+        head.weight[bb.answer_token_ids] += v.to(head.weight)
+        bb.answer_rows.add_(v)
+    object.__setattr__(bb, "generation_lm_head", head)
+    _, after = evidence()
+    assert after == pytest.approx(before, rel=1e-6)  # (a zero-mean prior would move it by ~3 * 40^2 * d)
+
+
 # --- links ------------------------------------------------------------------------------------------------------
 def _f(B=64, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)

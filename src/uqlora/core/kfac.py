@@ -70,6 +70,7 @@ class KFACLayer:
     bias: nn.Parameter | None
     module: nn.Module                          # whose input (Linear) / output (head_input) is the layer input
     kind: str                                  # lora | head
+    prior_mean: torch.Tensor | None = None     # [out, in (+1)] mean of the Gaussian prior; None: zero
     A: Factor | None = None
     G: Factor | None = None
     _in: list = field(default_factory=list, repr=False)
@@ -107,6 +108,7 @@ def select_layers(backbone: nn.Module, subset: str = "all") -> list[KFACLayer]:
     if hp is not None:
         w, b = hp
         head = KFACLayer("head", w, b if (b is not None and b.requires_grad) else None, backbone.head_input, "head")
+        head.prior_mean = head_prior_mean(backbone, head.bias is not None)
     if subset == "all":
         layers = lora + ([head] if head else [])
     elif head is not None:
@@ -119,6 +121,25 @@ def select_layers(backbone: nn.Module, subset: str = "all") -> list[KFACLayer]:
     if not layers:
         raise UqloraError("the model has no trainable LoRA/head parameters for the Laplace posterior")
     return layers
+
+
+def head_prior_mean(backbone: nn.Module, with_bias: bool) -> torch.Tensor | None:
+    """The prior mean of the head layer as one ``[C, d (+1)]`` matrix: for an ``lm_choices`` head, whose
+    trained answer rows start from the pretrained LM-head rows of the answer tokens, those pretrained rows
+    (the prior is on the change, as the paper's LoRA on the LM head puts it on a zero-initialised delta);
+    None (a zero mean) for a freshly initialised classifier head."""
+    if getattr(backbone, "head_kind", "") != "lm_choices":
+        return None
+    lm_head, ids = getattr(backbone, "generation_lm_head", None), getattr(backbone, "answer_token_ids", None)
+    if lm_head is None or ids is None:
+        log.warning("lm_choices head without its pretrained LM head: the Laplace prior is centred at zero")
+        return None
+    w = lm_head.weight.detach()[ids.to(lm_head.weight.device)].to(torch.float64)
+    if with_bias:
+        b = getattr(lm_head, "bias", None)
+        b = torch.zeros(len(ids), dtype=torch.float64, device=w.device) if b is None else b.detach()[ids].double()
+        w = torch.cat([w, b.unsqueeze(1)], dim=1)
+    return w.cpu()
 
 
 @contextlib.contextmanager
