@@ -471,6 +471,30 @@ def test_lm_choices_prior_is_on_the_change_from_the_pretrained_rows(tmp_path):
     assert after == pytest.approx(before, rel=1e-6)  # (a zero-mean prior would move it by ~3 * 40^2 * d)
 
 
+def test_prior_grid_widens_past_an_edge_and_reports_an_unresolved_one(caplog):
+    from uqlora.core.laplace_prior import GRID_LIMITS, grid_search, select_on_grid, tune_marglik
+
+    grid = [10.0 ** (k / 2) for k in range(-8, 9)]                      # 1e-4 .. 1e4, the default
+    best, tried, edge = grid_search(lambda g: (math.log10(g) - 6.0) ** 2, grid)
+    assert best == pytest.approx(1e6) and edge is None                 # widened by half decades to 1e6 and past it
+    assert max(tried) > 1e6 and min(tried) == pytest.approx(1e-4)
+    best, tried, edge = grid_search(lambda g: -math.log(g), grid)      # always better higher: stops at the limit
+    assert edge == "high" and best == max(tried) and GRID_LIMITS[1] / 10 ** 0.5 <= best <= GRID_LIMITS[1]
+    assert select_on_grid([1.0, 2.0, 3.0], [0.5, 0.2, 0.9]) == (2.0, None)
+    assert select_on_grid([1.0, 2.0, 3.0], [0.1, 0.2, 0.9]) == (1.0, "low")
+    with pytest.raises(UqloraError, match="finite and > 0"):
+        grid_search(lambda g: g, [0.0, 1.0])
+    post = _posterior(TinyLoRANet(seed=6), _data(12, seed=7))[2]
+    info = tune_marglik(post, steps=600, lr=0.1)
+    assert info == {"marglik_converged": True, "prior_at_edge": None}
+    info = tune_marglik(post, steps=2, lr=1e-4)
+    assert info["marglik_converged"] is True                           # at the optimum already: nothing changes
+    post.prior_precision = 1e-3
+    with caplog.at_level("WARNING"):
+        assert tune_marglik(post, steps=3, lr=0.01)["marglik_converged"] is False
+    assert "still changing" in caplog.text
+
+
 # --- links ------------------------------------------------------------------------------------------------------
 def _f(B=64, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -561,7 +585,8 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
     b = torch.load(objs2["run_dir"] / "checkpoints" / "adapter.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.load(objs2["run_dir"] / "predictions" / "test.npz")["samples"].shape == (5, 24, 2)
-    assert len(res2["train"]["posthoc"]["val_nll_grid"]) == 17
+    tried = res2["train"]["posthoc"]["val_nll_grid"]  # the 17 default values, + any widening beyond an end
+    assert len(tried) >= 17 and "prior_at_edge" in res2["train"]["posthoc"]
     with pytest.raises(UqloraError, match="another model config"):
         train(_cfg(tmp_path, "bad", *TINY, f"method.map_run={run}", "model.lora.r=4"))
 
