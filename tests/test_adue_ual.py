@@ -140,6 +140,40 @@ def test_ual_loss_is_label_smoothing_when_uncertainties_are_equal_and_ce_at_zero
     torch.testing.assert_close(smoothed_cross_entropy(logits, y, e), per.mean())
 
 
+@pytest.mark.parametrize("target,true_mass", [("others", 0.70), ("uniform", 0.85)])
+def test_ual_smoothing_target_others_is_the_authors_and_uniform_is_label_smoothing(target, true_mass):
+    """C = 2, eps = 0.3: the loss is the cross-entropy against (0.70, 0.30) with the authors' target (1 - eps on
+    the true class, eps / (C - 1) on each other) and (0.85, 0.15) with uniform smoothing; its gradient w.r.t.
+    the logits is (p - target) / B, so the target is read back from the gradient. eps = 0: plain CE."""
+    from conftest import compose
+    from uqlora.methods.ual import ual_cross_entropy
+    from uqlora.pipeline import setup
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(8, 2, generator=g, requires_grad=True)
+    y = torch.randint(0, 2, (8,), generator=g)
+    loss = ual_cross_entropy(logits, y, 0.3, None, target)
+    grad, = torch.autograd.grad(loss, logits)
+    q = logits.detach().softmax(-1) - 8 * grad
+    torch.testing.assert_close(q[torch.arange(8), y], torch.full((8,), true_mass), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.sum(1), torch.ones(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ual_cross_entropy(logits, y, 0.0, None, target), F.cross_entropy(logits, y))
+    torch.testing.assert_close(ual_cross_entropy(logits, y, torch.zeros(8), None, target), F.cross_entropy(logits, y))
+    # three choices, the third masked: it gets nothing; the true class keeps 0.70 (others) or 0.85 (uniform)
+    z3 = torch.cat([logits.detach(), torch.full((8, 1), -1e9)], 1).requires_grad_(True)
+    mask = torch.tensor([[True, True, False]]).expand(8, 3)
+    grad3, = torch.autograd.grad(ual_cross_entropy(z3, y, 0.3, mask, target), z3)
+    q3 = z3.detach().softmax(-1) - 8 * grad3
+    torch.testing.assert_close(q3[:, :2], q, atol=1e-6, rtol=0)
+    assert q3[:, 2].abs().max() < 1e-6
+    # the method uses the configured target (default: others)
+    cfg = compose(["model=tiny_bert", "method=ual", "logger=none", f"method.smoothing_target={target}"])
+    assert compose(["method=ual"]).method.smoothing_target == "others"
+    method, _ = setup(cfg)
+    batch = {"labels": y, "label_smoothing": torch.full((8,), 0.3)}
+    torch.testing.assert_close(method.loss(logits.detach(), batch), ual_cross_entropy(logits.detach(), y, 0.3, None, target))
+
+
 def test_mean_scaled_mapping_keeps_the_mean_the_order_and_the_cap():
     u = np.random.default_rng(1).beta(0.5, 2.0, size=500)
     eps = map_uncertainty(u, "mean_scaled", eps_mean=0.3, eps_cap=0.5)
@@ -203,6 +237,8 @@ def test_ual_column_source_and_bad_inputs(tmp_path):
         train(_cfg(tmp_path, "ls", *TINY, "method=ual", "loss.label_smoothing=0.1"))
     with pytest.raises(UqloraError, match="valid choices: column, teacher"):
         train(_cfg(tmp_path, "src", *TINY, "method=ual", "method.uncertainty_source=nosuch"))
+    with pytest.raises(UqloraError, match="valid choices: others, uniform"):
+        train(_cfg(tmp_path, "tgt", *TINY, "method=ual", "method.teacher_run=x", "method.smoothing_target=nosuch"))
 
 
 # --- AdUE end to end ------------------------------------------------------------------------------------------------

@@ -4,7 +4,13 @@ Model Alignment").
 Training minimises the label-smoothed cross-entropy with a per-example smoothing value eps_i set from that
 example's uncertainty u_i in [0, 1]:
 
-    loss_i = (1 - eps_i) * (-log p_y) + eps_i * mean_c(-log p_c)      (mean over the valid classes)
+    loss_i = (1 - eps_i) * (-log p_y) + eps_i * mean_{c != y}(-log p_c)      (mean over the other valid classes)
+
+i.e. the cross-entropy against the target 1 - eps_i on the true class and eps_i / (C - 1) on each other valid
+class, as the authors' code smooths over the V - 1 other tokens of the vocabulary (``method.smoothing_target=
+others``, the default). ``smoothing_target=uniform``: standard label smoothing (``loss.label_smoothing``, the
+baseline), eps_i / C on every valid class, so the true class keeps 1 - eps_i + eps_i / C (C = 2, eps = 0.3:
+0.85 instead of 0.70). Masked (padded) choices get no mass under either.
 
 Mapping u -> eps (``method.mapping``):
 
@@ -13,10 +19,6 @@ Mapping u -> eps (``method.mapping``):
   ``eps_mean``, capped at ``eps_cap``; rescale-and-cap is repeated until the mean is within 1e-3 of
   ``eps_mean``. All u_i equal -> eps_i = eps_mean for everyone, i.e. plain label smoothing.
 * ``linear``: eps_i = eps_min + (eps_max - eps_min) * u_i.
-
-Differences from the authors' code: there the smoothing mass goes to the V-1 other tokens of a language-model
-vocabulary (true token 1 - eps); here, as in standard label smoothing (``loss.label_smoothing``, the
-baseline), it is spread uniformly over all valid classes (true class 1 - eps + eps/C).
 
 Where u_i comes from (``method.uncertainty_source``):
 
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("column", "teacher")
 MAPPINGS = ("mean_scaled", "linear")
 TEACHER_SCORES = ("entropy", "sr")
+TARGETS = ("others", "uniform")
 
 
 @dataclass
@@ -64,6 +67,7 @@ class UALConfig:
     eps_cap: float = 0.99                # mean_scaled: largest eps
     eps_min: float = 0.0                 # linear
     eps_max: float = 0.3                 # linear
+    smoothing_target: str = "others"     # others: 1 - eps on the true class (authors' code) | uniform: eps / C on all
     cache_dir: Optional[str] = None      # teacher cache; null: $UQLORA_CACHE_DIR or ~/.cache/uqlora
 
 
@@ -91,6 +95,25 @@ def map_uncertainty(u: np.ndarray, mapping: str, eps_mean: float = 0.1, eps_cap:
         if abs(eps.mean() - eps_mean) < 1e-3:
             break
     return eps
+
+
+def ual_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor,
+                      choice_mask: torch.Tensor | None = None, target: str = "others") -> torch.Tensor:
+    """Batch mean of the cross-entropy against each example's smoothed target (module docstring): ``others``
+    puts 1 - eps on the true class and eps / (C - 1) on each other valid class (one valid class: plain NLL);
+    ``uniform`` is :func:`smoothed_cross_entropy`. ``eps``: a scalar or per-example [B]."""
+    if target == "uniform":
+        return smoothed_cross_entropy(logits, labels, eps, choice_mask)
+    if target != "others":
+        raise UqloraError(f"unknown method.smoothing_target '{target}'; valid choices: {', '.join(TARGETS)}")
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    others = torch.ones_like(logp) if choice_mask is None else choice_mask.to(logp.dtype).clone()
+    others.scatter_(1, labels.unsqueeze(1), 0.0)
+    n_others = others.sum(1)
+    smooth = -(logp * others).sum(1) / n_others.clamp(min=1.0)
+    eps = torch.as_tensor(eps, dtype=logp.dtype, device=logp.device) * (n_others > 0)
+    return ((1 - eps) * nll + eps * smooth).mean()
 
 
 def _cache_root(c) -> Path:
@@ -153,6 +176,9 @@ class UALMethod(UQMethod):
                               f"{', '.join(SOURCES)}")
         map_uncertainty(np.array([0.5]), c.mapping, float(c.eps_mean), float(c.eps_cap), float(c.eps_min),
                         float(c.eps_max))  # validate the options before any training
+        if c.smoothing_target not in TARGETS:
+            raise UqloraError(f"unknown method.smoothing_target '{c.smoothing_target}'; valid choices: "
+                              f"{', '.join(TARGETS)}")
         if self.label_smoothing:
             raise UqloraError(f"method=ual sets the smoothing per example; loss.label_smoothing must be 0, got "
                               f"{self.label_smoothing}")
@@ -188,5 +214,5 @@ class UALMethod(UQMethod):
     def loss(self, logits, batch):
         if "label_smoothing" not in batch:
             raise UqloraError("UAL training batch without per-example label_smoothing (prepare_fit did not run)")
-        return smoothed_cross_entropy(logits, batch["labels"], batch["label_smoothing"].to(logits.device),
-                                      batch.get("choice_mask")) + self.entropy_term(logits, batch)
+        return ual_cross_entropy(logits, batch["labels"], batch["label_smoothing"].to(logits.device),
+                                 batch.get("choice_mask"), self.mcfg.smoothing_target) + self.entropy_term(logits, batch)
