@@ -123,6 +123,32 @@ def test_error_detection_metrics_known_answers():
         evaluate_error_detection({"x": np.array([0.1, np.nan, 0, 0, 0])}, correct)
 
 
+def test_sr_ece_scores_the_probability_of_error_not_the_rescaled_score(tmp_path):
+    """A perfectly calibrated binary model (max p = 0.75 everywhere, exactly 25% wrong; then max p in {0.6, 0.9}
+    with 40% / 10% wrong): SR's probability of error 1 - max p is calibrated, so its ECE is 0 -- while the
+    rescaled ranking score (1 - max p) / (1 - 1/C) = 0.5 would give 0.25. Ranking metrics keep the rescaled
+    score. Checked through the pipeline's error-detection step, which supplies SR's probability of error."""
+    from omegaconf import OmegaConf
+
+    from uqlora.metrics import misclassification_auroc
+    from uqlora.pipeline import error_detection
+
+    cfg = OmegaConf.create({"method": {"name": "adue"}, "model": {"name": "m"}, "data": {"name": "d"}})
+    cases = [(np.full(400, 0.75), np.arange(400) < 100),
+             (np.repeat([0.6, 0.9], 200), np.r_[np.arange(200) < 80, np.arange(200) < 20])]
+    for conf, wrong in cases:
+        probs = np.stack([conf, 1 - conf], 1)
+        labels = np.where(wrong, 1, 0)
+        u_sr = sr_uncertainty(torch.as_tensor(probs)).numpy()
+        m = error_detection(cfg, tmp_path, "test", {"probs": probs, "labels": labels}, {"sr": u_sr}, 15, None)
+        assert m["errdet_sr_ece"] == pytest.approx(0.0, abs=1e-12)
+        assert m["errdet_sr_auroc"] == pytest.approx(misclassification_auroc(-u_sr, ~wrong), nan_ok=True)
+    direct = evaluate_error_detection({"sr": u_sr}, ~wrong, probability_scores=("sr",))
+    assert direct["errdet_sr_ece"] == pytest.approx(0.5 * abs(0.8 - 0.4) + 0.5 * abs(0.2 - 0.1))  # u as if a probability
+    with pytest.raises(ValueError, match="probability of error of 'sr'"):
+        evaluate_error_detection({"sr": u_sr}, ~wrong, probability_scores=("sr",), error_probabilities={"sr": u_sr + 1})
+
+
 # --- UAL ------------------------------------------------------------------------------------------------------------
 def test_ual_loss_is_label_smoothing_when_uncertainties_are_equal_and_ce_at_zero():
     g = torch.Generator().manual_seed(4)
