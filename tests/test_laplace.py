@@ -620,13 +620,13 @@ def test_real_model_laplace_run_and_eval_reuses_posterior(tmp_path, model, data,
         assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-5)
 
 
-def _load_benchmark():
-    """benchmarks/laplace_cost.py as a module (it is a script, not part of the package)."""
+def _load_benchmark(name="laplace_cost"):
+    """benchmarks/<name>.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "laplace_cost.py"
-    spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -681,3 +681,26 @@ def test_benchmark_paired_test_set_differences():
     assert out["ece_se"] > 0
     same = bench.paired(ours, ours, y, n_boot=20)
     assert same == {"nll": 0.0, "nll_se": 0.0, "ece": 0.0, "ece_se": 0.0}
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_kfac_study_scores_every_prior_from_one_pass_of_jacobians(lowrank):
+    """benchmarks/laplace_kfac_study.py's fast path: the probit inputs for K prior precisions at once (diagonal
+    of J Sigma J^T only) equal the posterior's own functional variance and GLM probit predictive."""
+    from types import SimpleNamespace
+
+    study = _load_benchmark("laplace_kfac_study")
+    net = TinyLoRANet(seed=2)
+    layers, res, post = _posterior(net, _data(9, seed=3), lowrank=lowrank)
+    test = _data(5, seed=8)
+    deltas = torch.tensor([[0.3, 0.3, 0.3], [2.0, 0.5, 7.0]], dtype=F64)
+    f_mu, var, y, mask = study.logit_variances(SimpleNamespace(layers=layers, backbone=net), post, [test], deltas)
+    probs = study.probit_probs(f_mu, var, mask)
+    for k, d in enumerate(deltas):
+        with torch.enable_grad(), capture(layers):
+            logits = net.logits(test)
+        fvar = post.functional_variance(post.project(per_example_jacobians(layers, logits, test)), d)
+        torch.testing.assert_close(var[..., k], torch.diagonal(fvar, dim1=-2, dim2=-1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(probs[k], glm_predictive(logits.detach(), fvar, "probit")[0], rtol=1e-9, atol=1e-12)
+    assert torch.equal(y, test["labels"]) and mask is None
+
