@@ -26,6 +26,7 @@ by the data module. Run it per dataset and seed; causal LMs as well, e.g. ``--mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -41,7 +42,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from conftest import compose  # noqa: E402
-from uqlora.core.kfac import capture, fit_kfac, per_example_jacobians  # noqa: E402
+from uqlora.core.kfac import (KFACResult, add_to_factors, capture, check_eval_mode, fisher_vectors,  # noqa: E402
+                              init_factors, per_example_jacobians)
 from uqlora.core.laplace import KronPosterior  # noqa: E402
 from uqlora.core.laplace_prior import select_on_grid  # noqa: E402
 from uqlora.metrics import ece as ece_metric  # noqa: E402
@@ -94,32 +96,68 @@ def probit_probs(f_mu: torch.Tensor, var: torch.Tensor, mask) -> torch.Tensor:
     return torch.softmax(z, dim=1).permute(2, 0, 1)
 
 
-def logit_variances(method, post: KronPosterior, loader, deltas: torch.Tensor):
-    """Per example the probit inputs for every row of ``deltas`` [K, L] (one prior precision per layer):
-    ``(f_mu [N, C], var [N, C, K], labels [N], mask)`` from one pass of per-example Jacobians."""
-    K = deltas.shape[0]
-    mus, vars_, ys, masks = [], [], [], []
+def fit_all(method, loader, keys: list[tuple[str, str]], lowrank_threshold: int) -> dict:
+    """KFAC factors for every ``(approx, fisher)`` in ``keys`` from one forward pass per batch (one vmapped
+    backward per Fisher type): the same factors as :func:`uqlora.core.kfac.fit_kfac` for each."""
+    bb = method.backbone.eval()
+    check_eval_mode(bb)
+    layers = {k: [dataclasses.replace(lay) for lay in method.layers] for k in keys}  # share the captured tensors
+    for ls in layers.values():
+        init_factors(ls, lowrank_threshold, 10, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    n, ll = 0, 0.0
+    for batch in loader:
+        with torch.enable_grad():
+            with capture(method.layers):
+                logits = bb.logits(batch)
+            logp = torch.log_softmax(logits.detach().double(), -1)
+            ll += float(logp.gather(1, batch["labels"].unsqueeze(1)).sum())
+            fishers = sorted({f for _, f in keys})
+            lora = [lay._out[-1] for lay in method.layers if lay.kind == "lora"]
+            for i, fisher in enumerate(fishers):
+                V = fisher_vectors(logp.exp(), batch["labels"], fisher, 1, gen).to(logits.dtype)
+                it = iter(torch.autograd.grad(logits, lora, grad_outputs=V, is_grads_batched=True,
+                                              retain_graph=i < len(fishers) - 1) if lora else ())
+                grads = [V if lay.kind == "head" else next(it) for lay in method.layers]
+                for k in keys:
+                    if k[1] == fisher:
+                        add_to_factors(layers[k], grads, batch, k[0])
+        for lay in method.layers:
+            lay._in.clear(), lay._out.clear()
+        n += int(batch["labels"].shape[0])
+    return {k: KFACResult(layers[k], n, ll) for k in keys}
+
+
+def logit_variances(method, posts: dict, loader, deltas: dict) -> dict:
+    """For each key of ``posts``: the probit inputs for every row of ``deltas[key]`` [K, L] (one prior
+    precision per layer) -- ``(f_mu [N, C], var [N, C, K], labels [N], mask)`` -- from one pass of
+    per-example Jacobians shared by all posteriors (only the diagonal of J Sigma J^T is needed)."""
+    out = {k: [] for k in posts}
+    mus, ys, masks = [], [], []
     for batch in loader:
         with torch.enable_grad():
             with capture(method.layers):
                 logits = method.backbone.logits(batch)
             jacs = per_example_jacobians(method.layers, logits, batch)
         B, C = logits.shape
-        var = torch.zeros(B, C, K, dtype=torch.float64)
-        for li, (J, q_a, q_g, lam, full) in enumerate(zip(jacs, post.Qa, post.Qg, post.lam, post.full)):
-            Mt = (q_g.T.to(J.dtype) @ J @ q_a.to(J.dtype)).double().reshape(B * C, -1)
-            d = deltas[:, li]                                                     # [K]
-            coef = 1.0 / (lam.reshape(-1, 1) + d) - (0.0 if full else 1.0 / d)   # [P_l, K]
-            v = (Mt ** 2) @ coef
-            if not full:
-                v = v + (J.double() ** 2).sum((-1, -2)).reshape(B * C, 1) / d
-            var += v.reshape(B, C, K)
+        for key, post in posts.items():
+            K = deltas[key].shape[0]
+            var = torch.zeros(B, C, K, dtype=torch.float64)
+            for li, (J, q_a, q_g, lam, full) in enumerate(zip(jacs, post.Qa, post.Qg, post.lam, post.full)):
+                Mt = (q_g.T.to(J.dtype) @ J @ q_a.to(J.dtype)).double().reshape(B * C, -1)
+                d = deltas[key][:, li]                                                # [K]
+                coef = 1.0 / (lam.reshape(-1, 1) + d) - (0.0 if full else 1.0 / d)   # [P_l, K]
+                v = (Mt ** 2) @ coef
+                if not full:
+                    v = v + (J.double() ** 2).sum((-1, -2)).reshape(B * C, 1) / d
+                var += v.reshape(B, C, K)
+            out[key].append(var)
         mus.append(logits.detach().double())
-        vars_.append(var)
         ys.append(batch["labels"])
         masks.append(batch.get("choice_mask"))
     mask = None if masks[0] is None else torch.cat(masks)
-    return torch.cat(mus), torch.cat(vars_), torch.cat(ys), mask
+    f_mu, y = torch.cat(mus), torch.cat(ys)
+    return {k: (f_mu, torch.cat(v), y, mask) for k, v in out.items()}
 
 
 def evidence_parts(post: KronPosterior, delta: torch.Tensor) -> dict:
@@ -134,51 +172,27 @@ def evidence_parts(post: KronPosterior, delta: torch.Tensor) -> dict:
             if d["params"]}
 
 
-def run_approx(method, dm, args, approx: str, fisher: str, init_state: dict) -> dict:
-    bb = method.backbone
-    t0 = time.perf_counter()
-    res = fit_kfac(bb, dm.loader("train"), method.layers, fisher=fisher, progress=False, approx=approx,
-                   lowrank_threshold=int(args.lowrank_threshold), n_kfac=10)
+def tune_priors(method, res, init_state: dict) -> tuple[KronPosterior, dict, dict]:
+    """The posterior (prior 1) and its evidence-tuned priors: scalar, layerwise, and (diagnostic) scalar with
+    LoRA A's prior centred at its initialisation. Returns ``(post, {name: delta [L]}, info)``."""
     post = KronPosterior.from_kfac(res, 1.0)
-    fit_s = time.perf_counter() - t0
     L = len(post.names)
     post.optimize_marglik(steps=300, lr=0.1)
     d_ml = post.prior_precision.clone()
     ev_grid = [float(post.log_marginal_likelihood(torch.full((L,), g, dtype=torch.float64))) for g in GRID]
     lw = KronPosterior.from_kfac(res, 1.0, "layerwise")
     lw.optimize_marglik(steps=600, lr=0.1)
-    d_lw = lw.prior_precision.clone()
-    # diagnostic: LoRA A's prior centred at its random initialisation (what training moved it from)
     ic = KronPosterior.from_kfac(res, 1.0)
-    ic.prior_mean = [init_state[lay.name] if lay.kind == "lora" and "lora_A" in lay.name else m
-                     for lay, m in zip(method.layers, ic.prior_mean)]
+    ic.prior_mean = [init_state[lay.name] if "lora_A" in lay.name else m for lay, m in zip(method.layers, ic.prior_mean)]
     ic.optimize_marglik(steps=300, lr=0.1)
-    d_ic = ic.prior_precision.clone()
-    grid = torch.tensor(GRID, dtype=torch.float64).unsqueeze(1).expand(len(GRID), L)
-    f_mu, var, y, mask = logit_variances(method, post, dm.loader("val"), grid)
-    val_nll = [float(-torch.log(p.gather(1, y.unsqueeze(1)).clamp(min=1e-12)).mean())
-               for p in probit_probs(f_mu, var, mask)]
-    best, at_edge = select_on_grid(GRID, val_nll)
-    d_val = torch.full((L,), best, dtype=torch.float64)
-    configs = {"marglik": d_ml, "marglik_layerwise": d_lw, "marglik_A_at_init": d_ic, "val_nll": d_val}
-    allrows = torch.cat([grid, torch.stack(list(configs.values()))])
-    f_mu, var, y, mask = logit_variances(method, post, dm.loader("test"), allrows)
-    probs = probit_probs(f_mu, var, mask).numpy()
-    yn = y.numpy()
-    test_grid = [quality(p, yn) for p in probs[:len(GRID)]]
-    out = {"fisher": fisher, "fit_s": round(fit_s, 1), "log_lik": round(res.log_lik, 2), "n_fit": res.n_data,
-           "evidence_grid": [round(v, 2) for v in ev_grid], "val_nll_grid": [round(v, 4) for v in val_nll],
-           "val_best_at_edge": at_edge, "test_grid": test_grid,
-           "test_best_nll_prior": GRID[int(np.argmin([q["nll"] for q in test_grid]))],
-           "parts_at_marglik": evidence_parts(post, d_ml),
-           "sq_dist_A_at_init": round(float(sum(q for n, q in zip(ic.names, ic.sq_dist()) if "lora_A" in n)), 4)}
-    for k, (name, d) in enumerate(configs.items()):
-        q = quality(probs[len(GRID) + k], yn)
-        out[name] = {"prior": [round(float(x), 4) for x in (d[:1] if name != "marglik_layerwise" else d)], **q}
-    out["marglik_layerwise"]["prior_by_group"] = {
-        g: round(float(torch.exp(torch.log(d_lw[[group_of(n) == g for n in post.names]]).mean())), 4)
-        for g in GROUPS if any(group_of(n) == g for n in post.names)}
-    return out
+    info = {"log_lik": round(res.log_lik, 2), "n_fit": res.n_data, "evidence_grid": [round(v, 2) for v in ev_grid],
+            "parts_at_marglik": evidence_parts(post, d_ml),
+            "sq_dist_A_from_init": round(float(sum(q for n, q in zip(ic.names, ic.sq_dist()) if "lora_A" in n)), 4),
+            "layerwise_prior_by_group": {
+                g: round(float(torch.exp(torch.log(lw.prior_precision[[group_of(n) == g for n in post.names]]).mean())), 4)
+                for g in GROUPS if any(group_of(n) == g for n in post.names)}}
+    return post, {"marglik": d_ml, "marglik_layerwise": lw.prior_precision.clone(),
+                  "marglik_A_at_init": ic.prior_precision.clone()}, info
 
 
 def run_seed(args, seed: int) -> dict:
@@ -201,15 +215,39 @@ def run_seed(args, seed: int) -> dict:
                      "epochs": args.epochs, "map_train_s": round(secs, 1), "grid": GRID},
            "map": quality(torch.cat(pm).double().numpy(), torch.cat(ys).numpy())}
     print(f"  MAP test {out['map']}", flush=True)
-    for approx in args.approx:
-        for fisher in args.fisher:
-            key = approx if fisher == "exact" else f"{approx}_{fisher}"
-            out[key] = run_approx(method, dm, args, approx, fisher, init_state)
-            r = out[key]
-            print(f"  {key}: " + "; ".join(f"{k} prior {r[k]['prior'][:3]} ECE {r[k]['ece']:.4f} NLL {r[k]['nll']:.4f} "
-                                           f"conf {r[k]['conf']:.3f}" for k in ("marglik", "marglik_layerwise",
-                                                                               "marglik_A_at_init", "val_nll"))
-                  + f"; test-best prior {r['test_best_nll_prior']:.3g}; parts {r['parts_at_marglik']}", flush=True)
+    keys = [(a, f) for a in args.approx for f in args.fisher]
+    t0 = time.perf_counter()
+    results = fit_all(method, dm.loader("train"), keys, int(args.lowrank_threshold))
+    out["setup"]["kfac_fit_s_all"] = round(time.perf_counter() - t0, 1)
+    posts, priors = {}, {}
+    name = {k: k[0] if k[1] == "exact" else f"{k[0]}_{k[1]}" for k in keys}
+    for k in keys:
+        posts[k], priors[k], out[name[k]] = tune_priors(method, results[k], init_state)
+    L = len(method.layers)
+    grid = torch.tensor(GRID, dtype=torch.float64).unsqueeze(1).expand(len(GRID), L)
+    val = logit_variances(method, posts, dm.loader("val"), {k: grid for k in keys})
+    rows = {}
+    for k in keys:
+        f_mu, var, y, mask = val[k]
+        val_nll = [float(-torch.log(p.gather(1, y.unsqueeze(1)).clamp(min=1e-12)).mean())
+                   for p in probit_probs(f_mu, var, mask)]
+        best, at_edge = select_on_grid(GRID, val_nll)
+        priors[k]["val_nll"] = torch.full((L,), best, dtype=torch.float64)
+        out[name[k]].update(val_nll_grid=[round(v, 4) for v in val_nll], val_best_at_edge=at_edge)
+        rows[k] = torch.cat([grid, torch.stack(list(priors[k].values()))])
+    test = logit_variances(method, posts, dm.loader("test"), rows)
+    for k in keys:
+        f_mu, var, y, mask = test[k]
+        probs, yn = probit_probs(f_mu, var, mask).numpy(), y.numpy()
+        r = out[name[k]]
+        r["test_grid"] = [quality(p, yn) for p in probs[:len(GRID)]]
+        r["test_best_nll_prior"] = GRID[int(np.argmin([q["nll"] for q in r["test_grid"]]))]
+        for j, (pname, d) in enumerate(priors[k].items()):
+            r[pname] = {"prior": [round(float(x), 4) for x in (d if pname == "marglik_layerwise" else d[:1])],
+                        **quality(probs[len(GRID) + j], yn)}
+        print(f"  {name[k]}: " + "; ".join(f"{p} prior {r[p]['prior'][:3]} ECE {r[p]['ece']:.4f} NLL {r[p]['nll']:.4f} "
+                                          f"conf {r[p]['conf']:.3f}" for p in priors[k])
+              + f"; test-best prior {r['test_best_nll_prior']:.3g}; parts {r['parts_at_marglik']}", flush=True)
     return out
 
 
@@ -226,8 +264,11 @@ def main() -> None:
     ap.add_argument("--fisher", nargs="+", default=["exact"])
     ap.add_argument("--lowrank-threshold", type=int, default=1024)
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. data.max_length=128")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.out and Path(args.out).exists():
         sys.exit(f"error: --out {args.out} exists; choose a new file name")
     runs = []

@@ -694,7 +694,8 @@ def test_kfac_study_scores_every_prior_from_one_pass_of_jacobians(lowrank):
     layers, res, post = _posterior(net, _data(9, seed=3), lowrank=lowrank)
     test = _data(5, seed=8)
     deltas = torch.tensor([[0.3, 0.3, 0.3], [2.0, 0.5, 7.0]], dtype=F64)
-    f_mu, var, y, mask = study.logit_variances(SimpleNamespace(layers=layers, backbone=net), post, [test], deltas)
+    f_mu, var, y, mask = study.logit_variances(SimpleNamespace(layers=layers, backbone=net), {"p": post}, [test],
+                                               {"p": deltas})["p"]
     probs = study.probit_probs(f_mu, var, mask)
     for k, d in enumerate(deltas):
         with torch.enable_grad(), capture(layers):
@@ -703,4 +704,23 @@ def test_kfac_study_scores_every_prior_from_one_pass_of_jacobians(lowrank):
         torch.testing.assert_close(var[..., k], torch.diagonal(fvar, dim1=-2, dim2=-1), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(probs[k], glm_predictive(logits.detach(), fvar, "probit")[0], rtol=1e-9, atol=1e-12)
     assert torch.equal(y, test["labels"]) and mask is None
+
+
+def test_kfac_study_fits_every_definition_from_one_pass():
+    """benchmarks/laplace_kfac_study.py's fit_all: the factors of several (approx, Fisher) pairs from one forward
+    pass per batch equal fit_kfac's for each."""
+    from types import SimpleNamespace
+
+    study = _load_benchmark("laplace_kfac_study")
+    net = SeqLoRANet(seed=4, pool="mean")
+    batch = _data(7, T=4, seed=6)
+    keys = [("reduce", "exact"), ("expand", "exact"), ("expand_sum", "exact"), ("expand", "empirical")]
+    got = study.fit_all(SimpleNamespace(layers=select_layers(net, "all"), backbone=net), _loader(batch, 3), keys, 100)
+    for approx, fisher in keys:
+        _, ref = _fit(net, batch, approx=approx, fisher=fisher)
+        res = got[approx, fisher]
+        assert res.n_data == ref.n_data and res.log_lik == pytest.approx(ref.log_lik, rel=1e-12)
+        for a, b in zip(res.layers, ref.layers):
+            torch.testing.assert_close(a.A.dense(), b.A.dense(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a.G.dense(), b.G.dense(), rtol=1e-10, atol=1e-12)
 

@@ -243,11 +243,19 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
     ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position.
     ``approx="expand_sum"``: one row per position of the padded batch, pads included, unscaled."""
     labels = batch["labels"]
-    B = labels.shape[0]
     logp = torch.log_softmax(logits.detach().double(), -1)
     ll = float(logp.gather(1, labels.unsqueeze(1)).sum())
     V = fisher_vectors(logp.exp(), labels, fisher, n_samples, generator)
-    grads = output_grads(logits, layers, V)
+    add_to_factors(layers, output_grads(logits, layers, V), batch, approx)
+    for lay in layers:
+        lay._in.clear(), lay._out.clear()
+    return ll
+
+
+def add_to_factors(layers: list[KFACLayer], grads: list[torch.Tensor], batch: dict, approx: str = "expand") -> None:
+    """Add each layer's captured inputs and its output gradients ``grads`` (:func:`output_grads`) to its
+    factors under the KFAC definition ``approx`` (see :func:`accumulate`)."""
+    B = batch["labels"].shape[0]
     mask = batch.get("attention_mask")
     for lay, g in zip(layers, grads):
         a, m = layer_inputs(lay, B, mask)
@@ -264,9 +272,6 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
         else:
             lay.A.update((a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0))  # [B, in]: mean over positions
             lay.G.update(g.sum(2).reshape(S * B, d_out))                        # sum over positions
-    for lay in layers:
-        lay._in.clear(), lay._out.clear()
-    return ll
 
 
 def check_eval_mode(module: nn.Module) -> None:
