@@ -9,7 +9,9 @@ definition (``reduce``, ``expand``, ``expand_sum``; core/kfac.py):
   NLL over the whole grid (where the test optimum is);
 * the evidence's parts at its optimum, per layer group (LoRA A, LoRA B, head): the squared distance of the
   MAP from the prior mean (scatter / delta) and the effective number of parameters sum lam / (lam + delta);
-  at the optimum of a scalar prior, delta = gamma / ||theta - mu||^2 summed over all groups.
+  at the optimum of a scalar prior, delta = gamma / ||theta - mu||^2 summed over all groups;
+* per layer group, the trace of each KFAC definition's curvature over the exact GGN's (per example, the GGN
+  from per-example Jacobians on the first ``--ggn-batches`` train batches): the curvature scale.
 
     python benchmarks/laplace_kfac_study.py --model minilm --data sst2 --train 1000 --epochs 4 [--seeds 0 1]
         [--approx reduce expand expand_sum] [--fisher exact] [--out results.json]
@@ -160,6 +162,34 @@ def logit_variances(method, posts: dict, loader, deltas: dict) -> dict:
     return {k: (f_mu, torch.cat(v), y, mask) for k, v in out.items()}
 
 
+def ggn_traces(method, loader, n_batches: int) -> tuple[torch.Tensor, int]:
+    """Per layer, the trace of the exact GGN block averaged over the examples of the first ``n_batches``
+    batches: ``mean_n sum_{c,d} Lam_n[c, d] <J_nc, J_nd>`` (Lam = diag p - p p^T), from per-example Jacobians."""
+    tot, n = torch.zeros(len(method.layers), dtype=torch.float64), 0
+    for i, batch in enumerate(loader):
+        if i >= n_batches:
+            break
+        with torch.enable_grad():
+            with capture(method.layers):
+                logits = method.backbone.logits(batch)
+            jacs = per_example_jacobians(method.layers, logits, batch)
+        p = logits.detach().double().softmax(-1)
+        lam = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
+        for li, J in enumerate(jacs):
+            Jf = J.double().reshape(J.shape[0], J.shape[1], -1)
+            tot[li] += float((lam * (Jf @ Jf.transpose(1, 2))).sum())
+        n += int(logits.shape[0])
+    return tot / max(n, 1), n
+
+
+def trace_ratios(res, ggn: torch.Tensor) -> dict:
+    """Per layer group: sum of the KFAC blocks' per-example traces tr(G) tr(A) / N^2 over the exact GGN's."""
+    kfac = torch.tensor([float(lay.G.dense().trace() * lay.A.dense().trace()) / res.n_data ** 2 for lay in res.layers])
+    groups = [group_of(lay.name) for lay in res.layers]
+    return {g: round(float(kfac[[x == g for x in groups]].sum() / ggn[[x == g for x in groups]].sum()), 4)
+            for g in GROUPS if g in groups}
+
+
 def evidence_parts(post: KronPosterior, delta: torch.Tensor) -> dict:
     """Per group at prior ``delta`` [L]: parameters, squared distance from the prior mean, effective params."""
     out = {g: {"params": 0, "sq_dist": 0.0, "gamma": 0.0} for g in GROUPS}
@@ -221,8 +251,13 @@ def run_seed(args, seed: int) -> dict:
     out["setup"]["kfac_fit_s_all"] = round(time.perf_counter() - t0, 1)
     posts, priors = {}, {}
     name = {k: k[0] if k[1] == "exact" else f"{k[0]}_{k[1]}" for k in keys}
+    ggn, n_ggn = ggn_traces(method, dm.loader("train"), int(args.ggn_batches))
     for k in keys:
         posts[k], priors[k], out[name[k]] = tune_priors(method, results[k], init_state)
+        out[name[k]]["trace_ratio_to_ggn"] = trace_ratios(results[k], ggn)
+    out["setup"]["ggn_trace_examples"] = n_ggn
+    print("  tr(KFAC) / tr(exact GGN) per example, by layer group: "
+          + "; ".join(f"{name[k]} {out[name[k]]['trace_ratio_to_ggn']}" for k in keys), flush=True)
     L = len(method.layers)
     grid = torch.tensor(GRID, dtype=torch.float64).unsqueeze(1).expand(len(GRID), L)
     val = logit_variances(method, posts, dm.loader("val"), {k: grid for k in keys})
@@ -251,6 +286,26 @@ def run_seed(args, seed: int) -> dict:
     return out
 
 
+def summary_rows(runs: list[dict]) -> list[str]:
+    """One line per (run, KFAC definition): test ECE / NLL / mean confidence at each prior and the priors."""
+    lines = []
+    for r in runs:
+        st, m = r["setup"], r["map"]
+        lines.append(f"{st['model']} {st['data']} seed {st['seed']} (C={st['classes']}, {st['train']} train, "
+                     f"{st['epochs']} ep): MAP acc {m['acc']:.3f} ECE {100 * m['ece']:.1f}% NLL {m['nll']:.4f} "
+                     f"conf {m['conf']:.3f}")
+        for key in [k for k in r if isinstance(r[k], dict) and "marglik" in r[k]]:
+            x = r[key]
+            best = min(x["test_grid"], key=lambda q: q["nll"])
+            cells = "  ".join(f"{p}: {x[p]['prior'][0] if p != 'marglik_layerwise' else 'lw':>6} "
+                              f"ECE {100 * x[p]['ece']:4.1f}% NLL {x[p]['nll']:.4f} conf {x[p]['conf']:.3f}"
+                              for p in ("marglik", "marglik_layerwise", "marglik_A_at_init", "val_nll"))
+            lines.append(f"  {key:<22} {cells}  | test-best {x['test_best_nll_prior']:.3g}: ECE "
+                         f"{100 * best['ece']:.1f}% NLL {best['nll']:.4f}"
+                         + ("  [val best on the grid's edge]" if x.get("val_best_at_edge") else ""))
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm")
@@ -264,9 +319,16 @@ def main() -> None:
     ap.add_argument("--fisher", nargs="+", default=["exact"])
     ap.add_argument("--lowrank-threshold", type=int, default=1024)
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides, e.g. data.max_length=128")
+    ap.add_argument("--ggn-batches", type=int, default=4, help="train batches for the exact-GGN trace ratios")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
+                    help="print the summary of finished --out files instead of running")
     args = ap.parse_args()
+    if args.summarize:
+        for f in args.summarize:
+            print("\n".join(summary_rows(json.loads(Path(f).read_text())["runs"])))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.out and Path(args.out).exists():

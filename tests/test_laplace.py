@@ -716,6 +716,11 @@ def test_kfac_study_fits_every_definition_from_one_pass():
     batch = _data(7, T=4, seed=6)
     keys = [("reduce", "exact"), ("expand", "exact"), ("expand_sum", "exact"), ("expand", "empirical")]
     got = study.fit_all(SimpleNamespace(layers=select_layers(net, "all"), backbone=net), _loader(batch, 3), keys, 100)
+    ggn, n = study.ggn_traces(SimpleNamespace(layers=select_layers(net, "all"), backbone=net), _loader(batch, 3), 2)
+    dense = _dense_ggn(net, {k: v[:6] for k, v in batch.items()})     # the first 2 batches of 3
+    assert n == 6
+    torch.testing.assert_close(ggn, torch.stack([torch.trace(dense[k]) / 6 for k in ("lora_A", "lora_B", "head")]),
+                               rtol=1e-9, atol=1e-12)
     for approx, fisher in keys:
         _, ref = _fit(net, batch, approx=approx, fisher=fisher)
         res = got[approx, fisher]
