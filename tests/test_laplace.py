@@ -484,6 +484,22 @@ def test_prior_grid_widens_past_an_edge_and_reports_an_unresolved_one(caplog):
     assert select_on_grid([1.0, 2.0, 3.0], [0.1, 0.2, 0.9]) == (1.0, "low")
     with pytest.raises(UqloraError, match="finite and > 0"):
         grid_search(lambda g: g, [0.0, 1.0])
+    # the streamed probit grid search (diagonal variances of every candidate, nothing cached) = the cached NLL
+    from uqlora.core.laplace_prior import predictive_nll, tune_val_nll
+
+    net = TinyLoRANet(seed=2)
+    layers, _, post = _posterior(net, _data(9, seed=3), lowrank=True)
+    cache = []
+    for seed in (8, 9):
+        val = _data(5, seed=seed)
+        with torch.enable_grad(), capture(layers):
+            logits = net.logits(val)
+        cache.append((logits.detach(), post.project(per_example_jacobians(layers, logits, val)), val["labels"], None))
+    info = tune_val_nll(post, iter(cache), [0.01, 0.1, 1.0, 10.0], "grid")
+    assert len(info["val_nll_grid"]) >= 4 and float(post.prior_precision[0]) in map(float, info["val_nll_grid"])
+    for g, v in info["val_nll_grid"].items():
+        assert v == pytest.approx(float(predictive_nll(post, cache, torch.full((3,), float(g), dtype=F64))), rel=1e-9)
+    assert info["val_nll"] == pytest.approx(min(info["val_nll_grid"].values()), rel=1e-12)
     post = _posterior(TinyLoRANet(seed=6), _data(12, seed=7))[2]
     info = tune_marglik(post, steps=600, lr=0.1)
     assert info == {"marglik_converged": True, "prior_at_edge": None}

@@ -150,18 +150,19 @@ class LaplaceMethod(UQMethod):
 
         c, post = self.mcfg, self.posterior
         self.backbone.eval()
-        cache = []
-        for batch in tqdm(datamodule.loader(c.prior.split), desc=f"Laplace: prior on {c.prior.split}",
-                          disable=not self.show_progress, leave=False):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with self.autocast(device):
-                f_mu, proj = self._glm_terms(batch)
-            proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
-            mask = batch.get("choice_mask")
-            cache.append((f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()))
+
+        def batches():  # read once by tune_val_nll (streamed for the probit grid search, else cached)
+            for batch in tqdm(datamodule.loader(c.prior.split), desc=f"Laplace: prior on {c.prior.split}",
+                              disable=not self.show_progress, leave=False):
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with self.autocast(device):
+                    f_mu, proj = self._glm_terms(batch)
+                proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
+                mask = batch.get("choice_mask")
+                yield f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()
 
         link = c.link if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
-        self.tuning.update(tune_val_nll(post, cache, list(c.prior.grid), c.prior.search, c.prior.structure,
+        self.tuning.update(tune_val_nll(post, batches(), list(c.prior.grid), c.prior.search, c.prior.structure,
                                         int(c.prior.steps), float(c.prior.lr), link))
 
     # --- predictive -----------------------------------------------------------------------------------------
