@@ -12,29 +12,31 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from uqlora.cli import FAILED_MEMBERS, guard, in_multirun, note_member_error, precheck  # noqa: E402
+from uqlora.cli import FAILED_MEMBERS, guard, note_member_error, precheck  # noqa: E402
 from uqlora.config import register_configs  # noqa: E402
+from uqlora.context import RunContext  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
-    if in_multirun():  # a failing member is recorded (results.json: status failed) and the sweep goes on
+    ctx = RunContext.from_hydra()
+    if ctx.multirun:  # a failing member is recorded (results.json: status failed) and the sweep goes on
         from uqlora.logging_utils import finish
 
         try:
-            metrics, _ = train(cfg)
+            metrics, _ = train(cfg, ctx)
         except Exception as e:
-            note_member_error(e)
+            note_member_error(e, ctx.run_dir)
             return float("nan")
         finally:
             finish()  # the next member of this process starts its own W&B run
     else:
         with guard():
-            metrics, _ = train(cfg)
+            metrics, _ = train(cfg, ctx)
     key = cfg.get("optimized_metric")
     if key:
         split, name = key.split("/", 1)

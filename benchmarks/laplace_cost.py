@@ -42,7 +42,7 @@ from uqlora.core.kfac import fit_kfac  # noqa: E402
 from uqlora.core.laplace import KronPosterior  # noqa: E402
 from uqlora.metrics import ece as ece_metric  # noqa: E402
 from uqlora.metrics import evaluate_predictions  # noqa: E402
-from uqlora.pipeline import setup  # noqa: E402
+from uqlora.build import setup  # noqa: E402
 
 
 def _quality(probs, labels) -> dict:

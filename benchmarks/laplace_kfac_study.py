@@ -49,7 +49,7 @@ from uqlora.core.kfac import (KFACResult, add_to_factors, capture, check_eval_mo
 from uqlora.core.laplace import KronPosterior  # noqa: E402
 from uqlora.core.laplace_prior import select_on_grid  # noqa: E402
 from uqlora.metrics import ece as ece_metric  # noqa: E402
-from uqlora.pipeline import setup  # noqa: E402
+from uqlora.build import setup  # noqa: E402
 
 GRID = [10.0 ** (k / 4) for k in range(-16, 17)]  # 1e-4 .. 1e4, quarter decades
 GROUPS = ("lora_A", "lora_B", "head")

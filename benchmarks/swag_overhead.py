@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from conftest import compose  # noqa: E402
 from uqlora.callbacks.swag import swag_parameters  # noqa: E402
 from uqlora.core.swag import SWAG, assign, flatten  # noqa: E402
-from uqlora.pipeline import setup  # noqa: E402
+from uqlora.build import setup  # noqa: E402
 
 
 def main() -> None:

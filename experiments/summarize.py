@@ -3,9 +3,9 @@
     python experiments/summarize.py multirun/2026-11-21/12-00-00_ab12cd
     python experiments/summarize.py outputs/2026-11-21/*  --split test --out summary.md
 
-Runs that are missing, failed or unreadable (see experiments/make_tables.py, which this reuses) are listed
-under the table, never silently dropped. For the paper's tables (mean +- std over seeds, best in bold,
-LaTeX, figures) use experiments/make_tables.py.
+Runs that are missing, failed or unreadable are listed under the table, never silently dropped
+(:mod:`uqlora.results`, the package behind experiments/make_tables.py). For the paper's tables (mean +- std
+over seeds, best in bold, LaTeX, figures) use experiments/make_tables.py.
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from make_tables import COMPLETE, TablesError, load_runs, runs_table, split_runs, status_lines  # noqa: E402
+from uqlora.results import COMPLETE, TablesError, load_runs, run_from_results, runs_table, split_runs, status_lines
 
 
 def find_runs(paths: list[Path]) -> tuple[list[dict], list[Path]]:
@@ -27,14 +25,7 @@ def find_runs(paths: list[Path]) -> tuple[list[dict], list[Path]]:
 
 def table(runs: list[dict], split: str = "test") -> str:
     """The per-run table of ``find_runs``' results dicts (kept for notebooks written against it)."""
-    from make_tables import Run, method_label
-
-    objs = [Run(path=None, status=COMPLETE, results=r, model=str(r.get("model")), data=str(r.get("data")),
-                seed=r.get("seed"),
-                method=method_label(r.get("method"), (r.get("config") or {}).get("method"), None,
-                                    r.get("method_label")))
-            for r in runs]
-    return runs_table(objs, split)
+    return runs_table([run_from_results(r) for r in runs], split)
 
 
 def main(argv=None) -> int:

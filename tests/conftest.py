@@ -19,9 +19,15 @@ def compose(overrides=(), config_name="config"):
     from hydra import compose as hcompose, initialize_config_dir
     from uqlora.config import register_configs
 
+    from uqlora.errors import UqloraError
+    from uqlora.overrides import _one_line
+
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hcompose(config_name=config_name, overrides=list(overrides))
+        try:
+            return hcompose(config_name=config_name, overrides=list(overrides))
+        except Exception as e:  # what train.py's override check prints: one line naming the key and the choices
+            raise UqloraError(_one_line(e)) from None
 
 
 def run_cfg(tmp_path, overrides=()):

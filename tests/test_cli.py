@@ -1,4 +1,4 @@
-"""Bad input fails within seconds with one clear line naming the bad value and the valid choices."""
+"""Bad input fails before anything runs, with one clear line naming the bad value and the valid choices."""
 import os
 import subprocess
 import sys
@@ -12,7 +12,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DAT
        "WANDB_MODE": "offline"}
 
 
-def run(*args, script="train.py", timeout=120):
+def run(*args, script="train.py", timeout=300):
     t0 = time.time()
     p = subprocess.run([sys.executable, script, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=timeout)
@@ -33,28 +33,29 @@ def error_line(p):
     (["method.lrr=1"], "method.lrr", "name"),
     (["model.lora.rr=4"], "model.lora.rr", "target_modules"),
 ])
-def test_unknown_choice_or_key_is_one_line(args, bad, valid):
-    p, dt = run(*args)
+def test_unknown_choice_or_key_is_one_line(tmp_path, args, bad, valid):
+    where = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+    p, _ = run(*args, f"{where}={tmp_path}/r")
     assert p.returncode != 0
     line = error_line(p)
     assert bad in line and valid in line
-    assert dt < 30
+    assert not (tmp_path / "r").exists()  # refused before Hydra made a run directory: nothing ran
 
 
 def test_missing_data_folder_is_one_line(tmp_path):
-    p, dt = run("model=tiny_bert", "logger=none", f"paths.data_dir={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/r")
+    p, _ = run("model=tiny_bert", "logger=none", f"paths.data_dir={tmp_path}/nodata", f"hydra.run.dir={tmp_path}/r")
     assert p.returncode == 1
     line = error_line(p)
     assert "sst2" in line and "nodata" in line and "stanfordnlp/sst2" in line
-    assert dt < 60
+    assert not (tmp_path / "r" / "checkpoints").exists()  # the data is read before any model or training
 
 
 def test_offline_hub_model_is_one_line(tmp_path):
-    p, dt = run("model=roberta_base", "logger=none", f"hydra.run.dir={tmp_path}/r")
+    p, _ = run("model=roberta_base", "logger=none", f"hydra.run.dir={tmp_path}/r")
     assert p.returncode == 1
     line = error_line(p)
     assert "FacebookAI/roberta-base" in line and "minilm" in line and "offline" in line
-    assert dt < 60
+    assert not (tmp_path / "r" / "checkpoints").exists()
 
 
 def test_help_and_cfg_job():

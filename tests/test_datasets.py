@@ -64,7 +64,7 @@ def test_registry_names():
     expected = {
         "arc_e", "arc_c", "obqa", "wg_s", "wg_m", "boolq", "cqa", "mmlu", "sst2", "sst5",
         "cola", "agnews", "20ng", "tweeteval_hate", "tweeteval_offensive",
-        "custom_classification", "custom_multiple_choice",
+        "custom_classification", "custom_multiple_choice", "gsm8k", "instruct", "instruct_mix",
     }  # fmt: skip
     assert set(ds.available_datasets()) == expected
     assert ds.available_datasets() == sorted(expected)
@@ -80,6 +80,39 @@ def test_registry_names():
             assert info.label_names is not None and len(info.label_names) == info.num_classes
         else:
             assert info.label_names is None
+
+
+def _family_entries():
+    """(module name, entry) for every module of uqlora.data.sources that exposes ENTRIES."""
+    import importlib
+    import pkgutil
+
+    import uqlora.data.sources as sources
+
+    out = []
+    for mod in pkgutil.iter_modules(sources.__path__):
+        module = importlib.import_module(f"{sources.__name__}.{mod.name}")
+        out.extend((mod.name, entry) for entry in getattr(module, "ENTRIES", ()))
+    return out
+
+
+def test_every_family_entry_is_registered_once_and_reachable_from_the_facade():
+    """Each family module's ENTRIES reach ds.get_info / ds.available_datasets; no name is taken twice."""
+    from uqlora.data import registry, sources
+
+    entries = _family_entries()
+    names = [entry.info.name for _, entry in entries]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert sorted(names) == ds.available_datasets()
+    listed = {m.__name__.rsplit(".", 1)[1] for m in sources.FAMILIES}
+    assert {module for module, _ in entries} == listed  # a family module missing from FAMILIES fails
+    for _, entry in entries:
+        assert ds.DATASETS[entry.info.name] is entry.info
+        if entry.source is not None:  # custom datasets need files to resolve their info
+            assert ds.get_info(entry.info.name) is entry.info
+    dup = types.SimpleNamespace(__name__="dup", ENTRIES=(entries[0][1],))
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.assemble([*sources.FAMILIES, dup])
 
 
 def test_default_data_dir_env(monkeypatch, tmp_path):
@@ -517,3 +550,157 @@ def test_data_files_are_hashed_and_a_modified_file_fails_in_one_line(tmp_path):
     assert str(victim) in str(e.value) and "\n" not in str(e.value)
     assert hashlib.sha256(victim.read_bytes()).hexdigest()[:12] in str(e.value)
     assert verify_files("custom_classification", tmp_path) == {}
+
+
+# --------------------------------------------------------------------------- generation
+
+
+GEN_COUNTS = {
+    "gsm8k": {"train": 7473, "test": 1319},
+    "instruct": {"train": 1740, "test": 435},
+    "instruct_mix": {"train": 9213, "test": 1754},
+}
+GEN_KEYS = {"id", "prompt", "input", "response", "source"}
+
+
+@pytest.fixture(scope="module")
+def generated(data_dir):
+    return {(n, s): ds.load_split(n, s, data_dir) for n in GEN_COUNTS for s in GEN_COUNTS[n]}
+
+
+@pytest.mark.parametrize(("name", "split"), [(n, s) for n in GEN_COUNTS for s in GEN_COUNTS[n]])
+def test_generation_counts_and_records(generated, data_dir, name, split):
+    records = generated[(name, split)]
+    info = ds.get_info(name)
+    assert info.task == ds.GENERATION and info.num_classes == 0 and info.label_names is None
+    assert ds.available_splits(name, data_dir) == ["train", "test"]
+    assert len(records) == GEN_COUNTS[name][split]
+    ids = [r["id"] for r in records]
+    assert len(set(ids)) == len(ids)
+    for r in records:
+        assert GEN_KEYS <= set(r) <= GEN_KEYS | {"answer_number"}
+        assert r["prompt"].strip() and r["response"].strip()
+        assert r["input"] is None or r["input"].strip()
+        assert r["source"] in ("gsm8k", "gpteacher", "self_instruct")
+        assert ("answer_number" in r) == (r["source"] == "gsm8k")
+
+
+def test_gsm8k_rows_and_final_numbers(generated, data_dir):
+    raw = [json.loads(line) for line in (data_dir / "gsm8k/train.jsonl").open()]
+    train = generated[("gsm8k", "train")]
+    assert train[0]["id"] == "gsm8k-train-0" and train[0]["input"] is None
+    assert train[0]["prompt"].startswith("Natalia sold clips to 48 of her friends in April")
+    assert train[0]["response"] == raw[0]["answer"] and train[0]["response"].endswith("\n#### 72")
+    assert train[0]["answer_number"] == "72"
+    assert [r["prompt"] for r in train] == [r["question"] for r in raw]
+    assert [r["response"] for r in train] == [r["answer"] for r in raw]  # worked answers kept verbatim
+    assert all(float(r["answer_number"]) == float(r["answer_number"]) for r in train)  # all parse
+    test = generated[("gsm8k", "test")]
+    assert test[0]["answer_number"] == "18" and test[0]["prompt"].startswith("Janet’s ducks lay 16 eggs")
+    # thousands separators are dropped: at least one answer in the test split is written "x,yyy"
+    with_comma = [r for r in test if "#### " in r["response"] and "," in r["response"].rsplit("#### ", 1)[1]]
+    assert with_comma and all("," not in r["answer_number"] for r in with_comma)
+
+
+@pytest.mark.parametrize(("answer", "number"), [
+    ("She has 3 + 4 = <<3+4=7>>7 apples.\n#### 7", "7"),
+    ("Total: 1,200 + 34 = <<1200+34=1234>>1234\n#### 1,234", "1234"),
+    ("It dropped by 5.\n#### -5", "-5"),
+    ("Half of it.\n####0.5\n", "0.5"),
+    ("#### 12 ", "12"),
+])  # fmt: skip
+def test_gsm8k_answer_number(answer, number):
+    from uqlora.data.sources.gsm8k import answer_number
+
+    assert answer_number(answer) == number
+
+
+@pytest.mark.parametrize("answer", ["The answer is 7.", "#### seven", "#### 7 apples", "####", "#### 1\n#### 2 and 3"])
+def test_gsm8k_answer_number_refuses_answers_without_a_final_number(answer):
+    from uqlora.data.sources.gsm8k import answer_number
+
+    with pytest.raises(DataError, match="no final '#### <number>'") as err:
+        answer_number(answer)
+    assert "\n" not in str(err.value)
+
+
+def test_instruct_rows_match_the_files(generated, data_dir):
+    gpt_raw = json.loads((data_dir / "instruct/gpteacher_roleplay.json").read_text())
+    si_raw = [json.loads(line) for line in (data_dir / "instruct/self_instruct_user_oriented.jsonl").open()]
+    records = generated[("instruct", "train")] + generated[("instruct", "test")]
+    gpt = {r["id"]: r for r in records if r["source"] == "gpteacher"}
+    assert len(gpt) == len(gpt_raw) == 1923
+    for i in (0, 1, 500, 1922):
+        rec, row = gpt[f"gpteacher-{i}"], gpt_raw[i]
+        assert (rec["prompt"], rec["input"] or "", rec["response"]) == (row["instruction"], row["input"], row["response"])
+    assert sum(1 for r in gpt.values() if r["input"]) == sum(1 for r in gpt_raw if r["input"]) == 443
+    si = {r["id"]: r for r in records if r["source"] == "self_instruct"}
+    assert len(si) == len(si_raw) == 252  # one instance per task in this file
+    for task in (si_raw[0], si_raw[100], si_raw[251]):
+        rec, inst = si[task["id"]], task["instances"][0]
+        assert (rec["prompt"], rec["input"] or "", rec["response"]) == (task["instruction"], inst["input"], inst["output"])
+    assert si["user_oriented_task_1"]["response"] == "Confident"
+
+
+def test_instruct_test_carve_is_fixed_and_disjoint(generated, data_dir):
+    from uqlora.data.sources.common import carve_indices
+
+    train, test = generated[("instruct", "train")], generated[("instruct", "test")]
+    assert ds.load_split("instruct", "test", data_dir) == test  # deterministic
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    # the documented carve: default_rng(0).permutation(n), the first 20% are test, per source
+    _, gpt_test = carve_indices(1923, 0.2, 0)
+    assert [r["id"] for r in test if r["source"] == "gpteacher"] == [f"gpteacher-{i}" for i in gpt_test]
+    assert (len(gpt_test), sum(r["source"] == "self_instruct" for r in test)) == (385, 50)
+    # sources select files; the mixture is gsm8k's split followed by instruct's, sources kept
+    only = ds.load_split("instruct", "test", data_dir, sources=["self_instruct"])
+    assert only == [r for r in test if r["source"] == "self_instruct"]
+    mix = generated[("instruct_mix", "test")]
+    assert mix == generated[("gsm8k", "test")] + test
+    assert ds.load_split("instruct_mix", "test", data_dir, sources=["gpteacher", "gsm8k"]) == (
+        generated[("gsm8k", "test")] + [r for r in test if r["source"] == "gpteacher"])
+
+
+def test_generation_option_errors(data_dir):
+    with pytest.raises(DataError, match="unknown source 'alpaca'; valid sources: gpteacher, self_instruct"):
+        ds.load_split("instruct", "train", data_dir, sources=["alpaca"])
+    with pytest.raises(DataError, match="instruct_mix: empty sources list; valid sources: gsm8k, gpteacher"):
+        ds.load_split("instruct_mix", "train", data_dir, sources=[])
+    with pytest.raises(DataError, match="instruct_mix.*no split 'validation'.*valid splits: train, test"):
+        ds.load_split("instruct_mix", "validation", data_dir)
+    with pytest.raises(DataError, match="unknown option.*subjects.*valid options: sources"):
+        ds.load_split("instruct_mix", "train", data_dir, subjects=["x"])
+
+
+def test_generation_hub_mapping(monkeypatch, tmp_path):
+    lima = [{"conversations": ["Write a haiku.", "Leaves fall..."], "source": "wikihow"},
+            {"conversations": ["Only a question?"], "source": "x"}]  # fmt: skip
+    lima += [{"conversations": [f"Q{i}", f"A{i}", "more", "turns"], "source": "multi_turn"} for i in range(8)]
+    tables = {
+        ("openai/gsm8k", "main", "test"): [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}],
+        ("GAIR/lima", None, "train"): lima,
+    }
+    calls = _fake_hub(monkeypatch, tables)
+    assert ds.load_split("gsm8k", "test", tmp_path) == [
+        {"id": "gsm8k-test-0", "prompt": "1+1?", "input": None, "response": "1+1=<<1+1=2>>2\n#### 2",
+         "source": "gsm8k", "answer_number": "2"}]  # fmt: skip
+    train, test = ds.load_split("instruct", "train", tmp_path), ds.load_split("instruct", "test", tmp_path)
+    assert len(train) + len(test) == 9 and len(test) == 2  # the single-turn row is skipped; 20% of 9
+    assert {r["source"] for r in train + test} == {"lima"}
+    first = next(r for r in train + test if r["id"] == "lima-0")
+    assert (first["prompt"], first["response"]) == ("Write a haiku.", "Leaves fall...")
+    assert "lima-1" not in {r["id"] for r in train + test}
+    assert ("GAIR/lima", None, "train") in calls
+    with pytest.raises(DataError, match="sources selects local files"):
+        ds.load_split("instruct", "train", tmp_path, sources=["gpteacher"])
+    mix = ds.load_split("instruct_mix", "test", tmp_path)
+    assert [r["source"] for r in mix] == ["gsm8k", "lima", "lima"]
+
+
+def test_generation_files_are_checked_against_sha256sums(data_dir):
+    listed = dict(line.split()[::-1] for line in (data_dir / "SHA256SUMS").read_text().splitlines() if line.strip())
+    gsm, inst = ds.verify_files("gsm8k", data_dir), ds.verify_files("instruct", data_dir)
+    assert set(gsm) == {"gsm8k/LICENSE", "gsm8k/train.jsonl", "gsm8k/test.jsonl"}
+    assert {"instruct/gpteacher_roleplay.json", "instruct/self_instruct_user_oriented.jsonl"} <= set(inst)
+    assert all(listed[f"./{rel}"] == h for rel, h in {**gsm, **inst}.items())
+    assert ds.verify_files("instruct_mix", data_dir) == {**gsm, **inst}

@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 
 def _in_process(tmp_path, name, *overrides):
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     cfg = compose(list(overrides))
     with open_dict(cfg):
@@ -183,7 +183,7 @@ def test_kfac_factors_summed_across_two_processes_equal_one_process(tmp_path):
 
 # --- the pipeline under DDP ---------------------------------------------------------------------------------
 def test_ddp_outside_a_script_fails_with_one_line(tmp_path):
-    from uqlora.pipeline import build_trainer
+    from uqlora.build import build_trainer
 
     cfg = compose([*RUN, *DDP])
     with pytest.raises(UqloraError, match="python train.py"):
@@ -196,7 +196,7 @@ def test_sharded_strategies_are_refused_before_fit(tmp_path):
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from uqlora.methods.base import UQMethod
-    from uqlora.pipeline import build_trainer
+    from uqlora.build import build_trainer
 
     module = lambda strategy: SimpleNamespace(trainer=SimpleNamespace(strategy=strategy))  # noqa: E731
     with pytest.raises(UqloraError, match="use trainer=ddp"):
@@ -211,7 +211,7 @@ def test_ddp_two_processes_match_one_process_laplace(tmp_path):
     """Acceptance: 2 gloo processes vs 1 process -- same MAP adapter, same KFAC posterior, same test metrics;
     the DDP factors also equal a single-process KFAC fit on the DDP run's own adapter."""
     from uqlora.core.kfac import fit_kfac, select_layers
-    from uqlora.pipeline import setup
+    from uqlora.build import setup
 
     ddp = tmp_path / "ddp"
     _ddp_run(ddp, *RUN, "method=laplace", "data.batch_size=16", *DDP)
@@ -226,7 +226,7 @@ def test_ddp_two_processes_match_one_process_laplace(tmp_path):
     a1, a2 = (torch.load(d / "checkpoints" / "adapter.pt", weights_only=True) for d in (one, ddp))
     assert a1.keys() == a2.keys()
     for k in a1:
-        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=1e-6)
+        torch.testing.assert_close(a2[k], a1[k], rtol=0, atol=5e-6)  # float32 sums in another order, 8 Adam steps
     # the posterior: factors summed over the two shards, N, log-likelihood, prior precision
     s1, s2 = (torch.load(d / "checkpoints" / "method_state.pt", weights_only=True) for d in (one, ddp))
     f1, f2 = _factors(s1), _factors(s2)

@@ -1,7 +1,8 @@
 """The paper-style experiment suites (conf/experiment/*.yaml): every swept value composes into a valid config
 with the papers' hyper-parameters; a real multirun of one suite (tiny random model) goes through
-experiments/make_tables.py and notebooks/paper_tables.ipynb to tables, figures and a list of the runs that
-failed or never started; W&B runs are grouped by experiment and curves are logged as native W&B plots."""
+experiments/make_tables.py (uqlora.results) and notebooks/paper_tables.ipynb to tables, figures and a list of
+the runs that failed or never started; W&B runs are grouped by experiment and curves are logged as native W&B
+plots."""
 import itertools
 import json
 import os
@@ -14,19 +15,18 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import make_tables  # noqa: E402
+from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
-    "laplace_lora": 90, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "laplace_lora": 144, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "ual_sft_cpu": 9,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
 
 
-OPTION_NAMES = {"laplace_ll": "laplace", "swag_lora": "swag", "multiswag_lora": "multiswag"}  # option -> method.name
-
+OPTION_NAMES = {"laplace_ll": "laplace", "swag_lora": "swag", "multiswag_lora": "multiswag",  # option -> method.name
+                "tfb_official": "tfb", "ual_category": "ual"}
 
 def sweep_params(exp):
     from hydra import compose as hcompose, initialize_config_dir
@@ -134,6 +134,19 @@ def test_multirun_run_dirs_name_the_method_option(tiny_sweep):
     assert res["config"]["experiment_name"] == "laplace_lora_cpu"
 
 
+def test_expected_jobs_are_the_jobs_the_sweep_launched(tiny_sweep):
+    """The suite's sweeper params (seed, data, method) overridden from the command line, expanded as Hydra's
+    basic sweeper launched them: job i's overrides.yaml is the i-th expected job."""
+    from uqlora.rundir import RunDir
+
+    dirs = sorted((RunDir(d) for d in tiny_sweep.iterdir() if RunDir(d).is_run()), key=RunDir.job_num)
+    assert [d.job_num() for d in dirs] == [0, 1, 2, 3]
+    jobs = results.expected_jobs(tiny_sweep)
+    assert jobs == [d.overrides() for d in dirs]
+    assert jobs[1][:4] == ["seed=0", "data=sst2", "method=laplace_ll", "experiment=laplace_lora_cpu"]
+    assert results.not_started(tiny_sweep, [d.path for d in dirs]) == []
+
+
 @pytest.fixture(scope="module")
 def damaged_sweep(tiny_sweep, tmp_path_factory):
     """The sweep with one run failed, one results.json truncated and one job never started."""
@@ -151,10 +164,11 @@ def damaged_sweep(tiny_sweep, tmp_path_factory):
 
 def test_make_tables_on_the_multirun(tiny_sweep, damaged_sweep, tmp_path):
     out = tmp_path / "tables"
-    assert make_tables.main([str(tiny_sweep), "--out", str(out)]) == 0
+    assert results.main([str(tiny_sweep), "--out", str(out)]) == 0
     md = (out / "tables.md").read_text()
     acc = md.split("### ACC")[1].split("###")[0]
     assert "| MAP |" in acc and "| LLLA |" in acc and "SST-2" in acc and "(n=" not in acc  # 2 seeds everywhere
+    assert acc.index("| MAP |") < acc.index("| LLLA |")  # the sweep's order
     assert "## Missing / failed runs\n\nnone" in md
     for stem in ("reliability_tiny_llama_sst2_test", "risk_coverage_tiny_llama_sst2_test", "bars_tiny_llama"):
         assert (out / "figures" / f"{stem}.pdf").stat().st_size > 1000
@@ -197,7 +211,7 @@ def test_notebook_reproduces_the_tables(tiny_sweep, tmp_path):
     assert "4 complete runs, 0 missing / failed, 0 duplicates" in text
     # the notebook's tables are the script's tables
     script_out = tmp_path / "script"
-    assert make_tables.main([str(tiny_sweep), "--out", str(script_out), "--figures", "none"]) == 0
+    assert results.main([str(tiny_sweep), "--out", str(script_out), "--figures", "none"]) == 0
     tables = lambda md: md.split("## Missing")[0]  # noqa: E731
     assert tables((out / "tables.md").read_text()) == tables((script_out / "tables.md").read_text())
     assert (out / "figures" / "reliability_tiny_llama_sst2_test.png").is_file()
@@ -248,3 +262,19 @@ def test_curves_are_logged_as_native_wandb_line_plots(tmp_path):
     assert plot.table.data == [[0.0, 0.5, 0.4, 0.3, 3]]  # the empty bin is not drawn
     assert set(res) == {"results"} and res["results"].columns == ["method", "model", "data", "seed", "split", "acc", "ece"]
     assert res["results"].data == [["map", "m", "d", 0, "test", 0.8, 0.1]]
+
+
+def test_gpu_suite_and_model_configs_carry_the_official_settings():
+    blob = compose(["experiment=laplace_lora", "method=blob", "data=arc_e"])
+    m = blob.method
+    assert (m.eps, m.beta, m.kllr, m.gamma, m.train_samples, m.num_samples, m.rho_update) == (
+        0.05, 0.2, 0.01, 8.0, 1, 10, "sgd")
+    assert blob.model.name == "llama2_7b" and blob.optim.lr == 5e-5  # the suite's shared protocol
+    t = compose(["experiment=laplace_lora", "method=tfb_official"]).method
+    assert (t.name, t.low, t.high, t.tolerance, t.search_iters, t.anchor_size, t.num_samples, t.labels) == (
+        "tfb", 0.001, 0.015, 0.003, 5, 500, 10, "pseudo")
+    s = compose(["experiment=laplace_lora", "method=scalabl"]).method
+    assert (s.eps, s.kllr, s.prior_std, s.gamma, s.num_samples) == (0.05, 0.2, 1.0, 8.0, 10)
+    for model, hub in (("llama31_8b", "meta-llama/Llama-3.1-8B"), ("qwen3_8b", "Qwen/Qwen3-8B")):
+        cfg = compose([f"model={model}", "data=arc_e", "method=blob"])
+        assert (cfg.model.hub_id, cfg.model.kind, cfg.model.source, cfg.model.dtype) == (hub, "causal", "hub", "bf16")

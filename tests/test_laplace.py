@@ -14,7 +14,7 @@ from test_swag import _cfg, _eval, _save_hydra
 from uqlora.core.kfac import Factor, capture, fit_kfac, per_example_jacobians, select_layers
 from uqlora.core.laplace import KronPosterior, glm_predictive
 from uqlora.errors import UqloraError
-from uqlora.pipeline import train
+from uqlora.tasks import train
 
 F64 = torch.float64
 D_IN, R, H, C = 5, 2, 4, 3
@@ -609,10 +609,10 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad,match", [
     ("method.link=nosuch", "valid choices: probit, mc, bridge"),
-    ("method.fit_split=test", "test split"),
+    ("method.fit_split=test", "unknown method.fit_split .test.; valid choices: train, val, calib"),
     ("method.subset=nosuch", "valid choices: all, last_layer"),
     ("method.num_samples=0", "method.num_samples=0 is impossible; valid: an integer >= 1"),
-    ("method.kfac_approx=nosuch", "valid choices: reduce, expand"),
+    ("method.kfac_approx=nosuch", "unknown method.kfac_approx .nosuch.; valid choices: "),
 ])
 def test_bad_laplace_options_fail_with_one_line(tmp_path, bad, match):
     with pytest.raises(UqloraError, match=match):

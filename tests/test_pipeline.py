@@ -9,7 +9,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose
 from uqlora.metrics import evaluate_predictions
-from uqlora.pipeline import evaluate_run, train
+from uqlora.context import RunContext
+from uqlora.tasks import evaluate_run, train
 
 FAST = ["debug=fast", "logger=none", "progress_bar=none", "print_table=false"]
 
@@ -67,14 +68,7 @@ def test_eval_reproduces_test_metrics_and_never_overwrites(tmp_path):
         ecfg.run_dir = str(objs["run_dir"])
     # outside Hydra the eval output dir comes from ecfg.run_dir: point it at a fresh folder
     ecfg2 = OmegaConf.merge(ecfg, {"run_dir": str(objs["run_dir"])})
-    from uqlora import pipeline
-
-    orig = pipeline._run_dir
-    pipeline._run_dir = lambda c: tmp_path / "eval_out"
-    try:
-        m2, _ = evaluate_run(ecfg2)
-    finally:
-        pipeline._run_dir = orig
+    m2, _ = evaluate_run(ecfg2, RunContext(tmp_path / "eval_out"))
     for k in ("acc", "nll", "ece", "brier"):
         assert m2["test"][k] == pytest.approx(metrics["test"][k], abs=1e-6)
     assert (objs["run_dir"] / "results.json").read_bytes() == before

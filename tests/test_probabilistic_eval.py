@@ -13,7 +13,8 @@ from uqlora.errors import UqloraError
 from uqlora.metrics.text import exact_match, lcs_length, rouge_l, score_text
 from uqlora.methods.base import entropy_subset_flags, predictive_entropy
 from uqlora.models.generation import next_token_probs, sample_continuations
-from uqlora.pipeline import setup, train
+from uqlora.build import setup
+from uqlora.tasks import train
 
 
 def test_rouge_l_matches_google_rouge_score():
@@ -236,7 +237,8 @@ def test_eval_py_adds_probabilistic_evaluation_to_a_finished_run(tmp_path):
     from omegaconf import OmegaConf
 
     from test_swag import _save_hydra
-    from uqlora import pipeline
+    from uqlora.context import RunContext
+    from uqlora.tasks import evaluate_run
 
     cfg = _cfg(tmp_path, "old", "model=tiny_bert", "trainer.max_steps=4", "data.max_test_samples=32")
     m0, objs = train(cfg)
@@ -248,11 +250,7 @@ def test_eval_py_adds_probabilistic_evaluation_to_a_finished_run(tmp_path):
         ecfg.print_table = False
         ecfg.eval = OmegaConf.create({"probabilistic": True})
     out = tmp_path / "ev"
-    orig, pipeline._run_dir = pipeline._run_dir, lambda c: out
-    try:
-        metrics, _ = pipeline.evaluate_run(ecfg)
-    finally:
-        pipeline._run_dir = orig
+    metrics, _ = evaluate_run(ecfg, RunContext(out))
     m = metrics["test"]
     assert m["acc"] == pytest.approx(m0["test"]["acc"]) and m["prob_greedy"] == pytest.approx(m0["test"]["acc"])
     assert m["prob_n_samples"] == 128.0 and (out / "plots" / "probabilistic_test.png").is_file()

@@ -266,7 +266,7 @@ def _sha(path: Path) -> str:
 
 def test_nan_loss_stops_the_run_in_one_line_and_keeps_the_best_checkpoint(tmp_path, monkeypatch):
     from uqlora.methods.base import UQMethod
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     orig = UQMethod.loss
     seen = {}
@@ -354,7 +354,7 @@ def test_svd_failure_falls_back_to_the_gram_matrix(monkeypatch):
 def test_laplace_run_survives_a_singular_and_an_unsolvable_factor(tmp_path, monkeypatch):
     """End to end: every eigendecomposition of the fit fails once (jitter fallback, warned), and the last
     layer's input factor is singular (more dimensions than examples): the run completes with finite metrics."""
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     real, failed = torch.linalg.eigh, []
 
@@ -377,7 +377,7 @@ def test_laplace_run_survives_a_singular_and_an_unsolvable_factor(tmp_path, monk
 
 
 def test_swag_with_fewer_snapshots_than_k_samples_with_a_warning(tmp_path):
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     cfg = _cfg(tmp_path, "run", "model=tiny_bert", "method=swag", "method.max_rank=10", "method.unit=step",
                "method.start=10", "method.collect_every=3", "method.num_samples=5", "trainer.max_steps=20")
@@ -390,7 +390,7 @@ def test_swag_with_fewer_snapshots_than_k_samples_with_a_warning(tmp_path):
 
 # --- reproducibility --------------------------------------------------------------------------------------
 def test_same_config_and_seed_give_bit_identical_metrics_and_provenance(tmp_path):
-    from uqlora.pipeline import train
+    from uqlora.tasks import train
 
     runs = [train(_cfg(tmp_path, f"r{i}", "model=tiny_bert", "method=mc_dropout", "trainer.max_steps=10",
                        "data.max_test_samples=32"))[1]["results"] for i in range(2)]

@@ -12,7 +12,8 @@ from conftest import compose
 from uqlora.callbacks.swag import SWAGCallback
 from uqlora.core.swag import SWAG, assign, flatten
 from uqlora.errors import UqloraError
-from uqlora.pipeline import evaluate_run, train
+from uqlora.context import RunContext
+from uqlora.tasks import evaluate_run, train
 
 
 def _snapshots(n=7, P=6, seed=0):
@@ -168,18 +169,12 @@ def _save_hydra(cfg, run_dir):
 
 
 def _eval(tmp_path, run_dir, ensemble=None):
-    from uqlora import pipeline
-
     ecfg = compose([f"run_dir={run_dir}"], config_name="eval")
     with open_dict(ecfg):
         ecfg.print_table = False
         ecfg.ensemble = [str(d) for d in ensemble] if ensemble else None
     out = tmp_path / f"eval_{len(list(tmp_path.glob('eval_*')))}"
-    orig, pipeline._run_dir = pipeline._run_dir, lambda c: out
-    try:
-        return evaluate_run(ecfg)[0], out
-    finally:
-        pipeline._run_dir = orig
+    return evaluate_run(ecfg, RunContext(out))[0], out
 
 
 def test_swag_eval_reproduces_and_multiswag_pools_members(tmp_path):

@@ -1,6 +1,7 @@
-"""experiments/make_tables.py on synthetic run directories with known answers: mean +- std over seeds, the
-best value per column in bold (max or min by metric), missing / failed / truncated / never-started runs
-reported, pooled reliability = the reliability of the concatenated predictions, one-line errors."""
+"""uqlora.results (experiments/make_tables.py) on synthetic run directories with known answers: mean +- std
+over seeds, the best value per column in bold (max or min by metric), missing / failed / truncated /
+never-started runs reported, pooled reliability = the reliability of the concatenated predictions, one-line
+errors, the row order and display names, the sweep jobs expanded as Hydra's basic sweeper does."""
 import json
 import subprocess
 import sys
@@ -10,20 +11,20 @@ import pytest
 import yaml
 
 from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "experiments"))
-import make_tables as mt  # noqa: E402
+from uqlora import results as mt
 
 
 def write_run(root, name, method="map", data="d1", seed=0, metrics=None, model="m", status=None, error=None,
-              subset=None, choice=None, overrides=None, probs=None, labels=None, extra=None):
+              subset=None, choice=None, overrides=None, probs=None, labels=None, extra=None, job=None, display=None):
     d = root / name
     (d / ".hydra").mkdir(parents=True)
-    mcfg = {"name": method, **({"subset": subset} if subset else {})}
+    mcfg = {"name": method, **({"subset": subset} if subset else {}), **({"display_name": display} if display else {})}
     cfg = {"method": mcfg, "model": {"name": model}, "data": {"name": data}, "seed": seed}
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    if choice:
-        (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"method": choice}}}}))
+    if choice or job is not None:
+        hydra = {"runtime": {"choices": {"method": choice}}} if choice else {}
+        hydra.update({"job": {"num": job}} if job is not None else {})
+        (d / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": hydra}))
     if overrides is not None:
         (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if metrics is not None or status:
@@ -294,3 +295,91 @@ def test_nan_metric_leaves_the_cell_and_shows_in_n(tmp_path):
     assert c.n == 2 and c.mean == pytest.approx(0.75)
     (a,) = mt.build_tables(mt.load_runs([root]), "test", ["acc"])
     assert a.cells[("map", "d1")].n == 3
+
+
+def basic_sweep(root, params, task):
+    root.mkdir(parents=True)
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": params},
+        "overrides": {"task": task}}}, sort_keys=False))
+    return root
+
+
+def test_rows_follow_the_sweep_order_with_the_baseline_first(tmp_path):
+    # sweep A listed mc_dropout, laplace_ll, map (job numbers 0..2 of seed 0; seed 1 at 3..5)
+    a = basic_sweep(tmp_path / "a", {"seed": "0,1", "method": "mc_dropout,laplace_ll,map"}, [])
+    for job, (seed, method) in enumerate([(s, m) for s in (0, 1) for m in ("mc_dropout", "laplace_ll", "map")]):
+        if (seed, method) == (0, "mc_dropout"):
+            continue  # never started: its place in the sweep still counts (job 0)
+        base = "laplace" if method == "laplace_ll" else method
+        write_run(a, f"{job}_{method}_s{seed}", base, seed=seed, metrics={"acc": 0.5}, choice=method, job=job,
+                  overrides=[f"seed={seed}", f"method={method}"], subset="last_layer" if base == "laplace" else None)
+    # sweep B (given second) adds swag; runs outside any sweep: ual and ensemble, by label
+    b = basic_sweep(tmp_path / "b", {"method": "swag,mc_dropout"}, [])
+    write_run(b, "0_swag", "swag", metrics={"acc": 0.5}, choice="swag", job=0, overrides=["method=swag"])
+    write_run(b, "1_mc_dropout", "mc_dropout", metrics={"acc": 0.5}, choice="mc_dropout", job=1,
+              overrides=["method=mc_dropout"])
+    loose = tmp_path / "loose"
+    write_run(loose, "x", "ual", metrics={"acc": 0.5})
+    write_run(loose, "y", "ensemble", metrics={"acc": 0.5})
+    runs = mt.load_runs([b, loose, a])  # paths in this order: b's methods before a's
+    assert {r.path.name: r.sweep for r in runs if r.status == "complete"}["0_swag"] == 0
+    assert mt.method_order(runs) == ["map", "swag", "mc_dropout", "laplace_ll", "ensemble", "ual"]
+    runs = mt.load_runs([a, b, loose])
+    assert mt.method_order(runs) == ["map", "mc_dropout", "laplace_ll", "swag", "ensemble", "ual"]
+    (t,) = mt.build_tables(runs, "test", ["acc"])
+    assert t.rows == ["map", "mc_dropout", "laplace_ll", "swag", "ensemble", "ual"]
+    names = [ln.split(" | ")[0].lstrip("| ") for ln in mt.to_markdown(t).splitlines()[4:]]
+    assert names == ["MAP", "MC dropout", "LLLA", "SWAG", "Ensemble", "UAL"]
+    assert [r.status for r in runs].count("not started") == 1
+
+
+def test_display_names_come_from_the_run_config(tmp_path):
+    root = tmp_path / "runs"
+    write_run(root, "0", "blob", metrics={"acc": 0.6}, display="BLoB")              # a method no table lists
+    write_run(root, "1", "map", metrics={"acc": 0.5}, display="LoRA (MAP)")         # the config wins
+    write_run(root, "2", "newthing", metrics={"acc": 0.4})                          # no name anywhere: the label
+    write_run(root, "3", "map", data="d2", metrics={"acc": 0.5})                     # older run: legacy name
+    write_run(root, "4", "laplace", metrics={"acc": 0.7}, display="Laplace-LoRA")
+    runs = mt.load_runs([root])
+    assert [r.display for r in runs] == ["BLoB", "LoRA (MAP)", "", "", "Laplace-LoRA"]
+    assert mt.method_names(runs) == {"blob": "BLoB", "map": "LoRA (MAP)", "newthing": "newthing",
+                                     "laplace": "Laplace-LoRA"}
+    (t,) = mt.build_tables(runs, "test", ["acc"])
+    md = mt.to_markdown(t)
+    assert t.rows == ["map", "blob", "laplace", "newthing"]  # no sweep: the baseline first, then by label
+    assert "| LoRA (MAP) | 50.0 | **50.0** |" in md and "| BLoB | 60.0 | – |" in md and "| newthing |" in md
+    assert r"LoRA (MAP) & $50.0$ & $\mathbf{50.0}$ \\" in mt.to_latex(t)
+    assert mt.display_name("laplace_ll") == "LLLA" and mt.display_name("swag_lora", "SWAG-LoRA") == "SWAG-LoRA"
+    # two options printing alike (a laplace_ll run composed before its yaml named it) get their label added
+    write_run(root, "5", "laplace", choice="laplace_ll", subset="last_layer", metrics={"acc": 0.8},
+              display="Laplace-LoRA")
+    names = mt.method_names(mt.load_runs([root]))
+    assert names["laplace"] == "Laplace-LoRA (laplace)" and names["laplace_ll"] == "Laplace-LoRA (laplace_ll)"
+
+
+@pytest.mark.parametrize("params,task", [
+    ({"seed": "0,1,2", "method": "map,laplace_ll"}, ["experiment=x", "data=d1"]),
+    ({"seed": "0,1,2", "data": "a,b", "method": "map,laplace"}, ["data=c", "seed=0,1", "+extra=1", "x.y=[1,2]"]),
+    ({}, ["seed=range(3)", "method=map,'a b'", "lr=1e-3,2e-3", "model@backbone=tiny", "~foo"]),
+    (None, ["method=map"]),
+])
+def test_expected_jobs_equal_the_basic_sweepers_product(tmp_path, params, task):
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # the oracle, in this test only
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweep = basic_sweep(tmp_path / "sw", params, task)
+    args = [f"{k}={v}" for k, v in (params or {}).items()] + task
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    assert mt.expected_jobs(sweep) == [list(job) for job in batch]
+
+
+def test_expected_jobs_refuse_what_the_basic_sweeper_cannot_expand(tmp_path):
+    sweep = basic_sweep(tmp_path / "sw", {"lr": "interval(0.1, 1.0)"}, [])
+    with pytest.raises(mt.TablesError, match=r"'lr=interval\(0.1, 1.0\)' is not a list or a range"):
+        mt.expected_jobs(sweep)
+    other = tmp_path / "optuna"
+    other.mkdir()
+    (other / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {
+        "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}}}))
+    assert mt.expected_jobs(other) is None

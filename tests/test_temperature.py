@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from test_swag import _cfg, _eval, _save_hydra
 from uqlora.core.temperature import apply_temperature, fit_temperature
 from uqlora.errors import UqloraError
-from uqlora.pipeline import train
+from uqlora.tasks import train
 
 F64 = torch.float64
 TINY = ["model=tiny_bert", "trainer.max_steps=6", "data.max_test_samples=24"]
@@ -120,7 +120,7 @@ def test_temperature_run_is_map_plus_t_and_eval_reproduces(tmp_path):
     run, method = obj["run_dir"], obj["method"]
     state = torch.load(run / "checkpoints" / "method_state.pt", weights_only=True)
     T = float(state["temperature"][0])
-    assert T == method.temperature and T > 0 and not any(k.startswith("inner.") for k in state)
+    assert T == method.temperature and T > 0 and "base" not in state and method.base is None
     tuning = method.tuning
     assert tuning["temperature"] == T and tuning["split"] == "calib" and tuning["n_fit"] == 32
     assert tuning["nll_after"] <= tuning["nll_before"] + 1e-12
@@ -160,21 +160,23 @@ def test_temperature_on_top_of_a_swag_run(tmp_path):
     cfg = _cfg(tmp_path, "t", *TINY, "method=temperature", f"method.map_run={base}")
     m, obj = train(cfg)
     run, method = obj["run_dir"], obj["method"]
-    assert method.inner is not None and method.inner.name == "swag" and method.inner.backbone is method.backbone
+    assert method.base is not None and method.base.name == "swag" and method.base.backbone is method.backbone
     res = json.loads((run / "results.json").read_text())
     assert res["train"]["map_run"] == str(base) and "steps" not in res["train"]  # no training
     assert res["train"]["posthoc"]["base_method"] == "swag"
     T = method.temperature
     assert T != 1.0 and method.tuning["nll_after"] < method.tuning["nll_before"]  # fitted, and it helped
     state = torch.load(run / "checkpoints" / "method_state.pt", weights_only=True)
-    assert float(state["temperature"][0]) == T and state["inner.n"] == bobj["method"].swag.n   # SWAG moments copied
+    assert float(state["temperature"][0]) == T and state["base"]["n"] == bobj["method"].swag.n   # SWAG moments copied
+    assert state["base_method_config"]["name"] == "swag"                 # ... and the config that rebuilds SWAG
     p = np.load(run / "predictions" / "test.npz")
     assert "samples" not in p                               # pooled, then calibrated: samples dropped
     np.testing.assert_allclose(p["probs"].sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(p["probs"], _softmax_T(p_base["probs"], T), atol=1e-5)  # the same S draws
 
     _save_hydra(cfg, run)
-    again, _ = _eval(tmp_path, run)   # rebuilds SWAG from the base config and our saved state
+    base.rename(base.with_name("gone"))  # the run directory alone restores it: SWAG rebuilt from our saved state
+    again, _ = _eval(tmp_path, run)
     for k in ("acc", "nll", "ece", "brier"):
         assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-6)
 
@@ -192,7 +194,7 @@ def test_temperature_on_top_of_posthoc_methods(tmp_path, base_method, extra):
     cfg = _cfg(tmp_path, "t", *TINY, "method=temperature", f"method.map_run={base}")
     m, obj = train(cfg)
     method = obj["method"]
-    assert method.needs_grad_in_predict is (base_method == "laplace")
+    assert method.base is not None and method.base.name == base_method
     a, b = np.load(base / "predictions" / "test.npz"), np.load(obj["run_dir"] / "predictions" / "test.npz")
     T = method.temperature
     assert T != 1.0 and method.tuning["nll_after"] < method.tuning["nll_before"]
@@ -230,8 +232,10 @@ def test_temperature_one_on_mc_dropout_is_the_base_predictive(tmp_path, monkeypa
 # --- bad inputs ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("split", ["test", "train"])
 def test_fitting_on_test_or_train_fails_with_one_line(tmp_path, split):
-    with pytest.raises(UqloraError) as e:
-        train(_cfg(tmp_path, "x", *TINY, "method=temperature", f"method.split={split}"))
+    from uqlora.overrides import check_overrides
+
+    with pytest.raises(UqloraError) as e:  # refused when the config is composed, before anything runs
+        check_overrides(["method=temperature", f"method.split={split}"])
     msg = str(e.value)
     assert "\n" not in msg and f"'{split}'" in msg and "valid choices: calib, val" in msg
 
@@ -253,14 +257,14 @@ def test_multi_member_and_chained_base_runs_fail_with_one_line(tmp_path):
         train(_cfg(tmp_path, "t", *TINY, "method=temperature", f"method.map_run={ens}"))
     assert "\n" not in str(e.value)
     chained = _fake_run(tmp_path, "tt", "method=temperature", f"method.map_run={ens}")
-    with pytest.raises(UqloraError, match="is itself temperature scaling"):
+    with pytest.raises(UqloraError, match="is itself temperature of"):
         train(_cfg(tmp_path, "t2", *TINY, "method=temperature", f"method.map_run={chained}"))
     with pytest.raises(UqloraError, match="not a run directory"):
         train(_cfg(tmp_path, "t3", *TINY, "method=temperature", f"method.map_run={tmp_path / 'nosuch'}"))
 
 
 def test_empty_calib_split_fails_before_training(tmp_path):
-    with pytest.raises(UqloraError, match="method.split=calib has no examples"):
+    with pytest.raises(UqloraError, match="split 'calib' has no examples"):
         train(_cfg(tmp_path, "x", *TINY, "method=temperature", "data.calib_size=0"))
 
 
@@ -268,5 +272,6 @@ def test_config_defaults_compose():
     from conftest import compose
 
     cfg = compose(["method=temperature"])
-    assert OmegaConf.to_container(cfg.method) == {"name": "temperature", "split": "calib", "max_iter": 100,
-                                                  "map_run": None}
+    assert OmegaConf.to_container(cfg.method, enum_to_str=True) == {"name": "temperature", "display_name": "Temperature",
+                                                  "map_run": None, "adapter": None, "split": "calib",
+                                                  "max_iter": 100}

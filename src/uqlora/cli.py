@@ -1,5 +1,6 @@
-"""Entry-point helpers: validate command-line overrides before Hydra composes (so a typo costs one
-line, not a traceback), and turn :class:`UqloraError` into ``error: <one line>`` with exit code 1."""
+"""Entry-point helpers: check the command line before Hydra runs (:mod:`uqlora.overrides`; ``resume=<dir>``
+expanded into that run's overrides), turn :class:`UqloraError` into ``error: <one line>`` with exit code 1,
+record a failing sweep member and report the sweep at its end."""
 from __future__ import annotations
 
 import contextlib
@@ -11,88 +12,9 @@ from pathlib import Path
 import yaml
 
 from uqlora.errors import UqloraError
+from uqlora.overrides import check_overrides
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 log = logging.getLogger(__name__)
-
-
-def _split_values(value: str) -> list[str]:
-    """Hydra sweep syntax ``a,b`` -> [a, b]; values with brackets/functions are left whole."""
-    if any(c in value for c in "[]()"):
-        return [value]
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def _options(conf_dir: Path, group: str) -> list[str]:
-    d = conf_dir / group
-    names = {p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")} if d.is_dir() else set()
-    if group == "method":
-        from uqlora.methods import METHODS, discover
-
-        discover()
-        names |= set(METHODS)
-    return sorted(names)
-
-
-def _defaults(conf_dir: Path, config_name: str) -> dict[str, str]:
-    cfg = yaml.safe_load((conf_dir / f"{config_name}.yaml").read_text()) or {}
-    out = {}
-    for item in cfg.get("defaults", []):
-        if isinstance(item, dict):
-            for k, v in item.items():
-                out[k.replace("override ", "").strip()] = v
-    return out
-
-
-def _keys(conf_dir: Path, group: str, option: str) -> dict | None:
-    path = conf_dir / group / f"{option}.yaml"
-    if not path.is_file():
-        return None
-    node = yaml.safe_load(path.read_text()) or {}
-    for parent in node.pop("defaults", None) or []:  # same-group parents such as _base
-        if isinstance(parent, str) and parent != "_self_" and (conf_dir / group / f"{parent}.yaml").is_file():
-            node = {**(_keys(conf_dir, group, parent) or {}), **node}
-    if group == "method":
-        from uqlora.methods import SCHEMAS
-        import dataclasses
-
-        if option in SCHEMAS:
-            node = {**{f.name: None for f in dataclasses.fields(SCHEMAS[option])}, **node}
-    return node
-
-
-def check_overrides(argv: list[str], config_name: str = "config", conf_dir: Path = CONF_DIR) -> None:
-    """Raise UqloraError for an unknown config-group option or an unknown key of a group."""
-    if not (conf_dir / f"{config_name}.yaml").is_file():
-        return
-    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
-    chosen = _defaults(conf_dir, config_name)
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    for arg in overrides:
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        if key in groups and value not in ("null", ""):
-            valid = _options(conf_dir, key)
-            for v in _split_values(value):
-                if v not in valid:
-                    raise UqloraError(f"unknown {key} '{v}'; valid choices: {', '.join(valid)}")
-            chosen[key] = _split_values(value)[0]
-    for arg in overrides:
-        key = arg.split("=", 1)[0]
-        if key.startswith(("+", "~")) or "." not in key:
-            continue
-        group, *path = key.split(".")
-        if group not in groups or group in ("hydra", "experiment", "debug") or not chosen.get(group):
-            continue
-        node = _keys(conf_dir, group, str(chosen[group]))
-        for i, part in enumerate(path):
-            if not isinstance(node, dict) or not node:  # free-form node (e.g. data.options): anything goes
-                break
-            if part not in node:
-                where = ".".join([group, *path[:i]])
-                raise UqloraError(f"unknown key '{'.'.join([group, *path[: i + 1]])}' for {group}={chosen[group]}; "
-                                  f"valid keys of {where}: {', '.join(sorted(node))}")
-            node = node[part]
 
 
 @contextlib.contextmanager
@@ -186,49 +108,32 @@ def precheck(config_name: str = "config") -> None:
 FAILED_MEMBERS: list[str] = []
 
 
-def in_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except (ValueError, ImportError):
-        return False
-
-
-REFUSED = ".refused"
-
-
-def note_member_error(exc: BaseException) -> None:
+def note_member_error(exc: BaseException, run_dir: Path) -> None:
     """A sweep member's error, printed in one line; one that left no ``status: failed`` record (a refusal:
     impossible value, unfinished or differently configured directory) leaves a ``.refused`` marker that
     :class:`SweepReport` reports (it runs in the launching process, whatever the launcher)."""
-    from hydra.core.hydra_config import HydraConfig
-
     from uqlora.io import atomic_write
-    from uqlora.runs import one_line, read_results
+    from uqlora.rundir import REFUSED_MARKER, RunDir
+    from uqlora.runs import one_line
 
     msg = one_line(exc)
     print(f"error: sweep member failed: {msg}", file=sys.stderr, flush=True)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    res = read_results(run_dir)
+    res = RunDir(run_dir).results()
     if not (res is not None and res.get("status") == "failed" and res.get("error") == msg):
-        atomic_write(run_dir / REFUSED, lambda f: f.write(msg.encode()))
+        atomic_write(Path(run_dir) / REFUSED_MARKER, lambda f: f.write(msg.encode()))
 
 
 def sweep_summary(sweep_dir: Path) -> dict[str, list]:
-    """Members of a sweep folder by state: complete, failed (with their error), unfinished (no results)."""
-    from uqlora.runs import is_complete, read_results
+    """Members of a sweep folder by state: complete, failed / refused (with their error), unfinished."""
+    from uqlora.rundir import COMPLETE, FAILED, REFUSED, RunDir
 
     out: dict[str, list] = {"complete": [], "failed": [], "refused": [], "unfinished": []}
     for d in sorted(p.parent for p in Path(sweep_dir).glob("*/.hydra")):
-        res = read_results(d)
-        if (d / REFUSED).is_file():
-            out["refused"].append((d, (d / REFUSED).read_text().strip()))
-        elif is_complete(res):
+        status, why = RunDir(d).status_detail()
+        if status == COMPLETE:
             out["complete"].append(d)
-        elif res is not None and res.get("status") == "failed":
-            out["failed"].append((d, res.get("error", "")))
+        elif status in (FAILED, REFUSED):
+            out[status].append((d, why))
         else:
             out["unfinished"].append(d)
     return out
@@ -246,13 +151,15 @@ class SweepReport(_HydraCallback):
     in the launching process)."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        from uqlora.rundir import REFUSED_MARKER
+
         sweep_dir = Path(str(config.hydra.sweep.dir))
         s = sweep_summary(sweep_dir)
         for d, err in s["failed"]:
             print(f"failed: {d}: {err}", file=sys.stderr, flush=True)
         for d, err in s["refused"]:
             print(f"refused: {d}: {err}", file=sys.stderr, flush=True)
-            (d / REFUSED).unlink(missing_ok=True)  # reported once; the directory is as it was
+            (d / REFUSED_MARKER).unlink(missing_ok=True)  # reported once; the directory is as it was
         for d in s["unfinished"]:
             print(f"unfinished (no results.json): {d}", file=sys.stderr, flush=True)
         FAILED_MEMBERS.extend(str(x[0] if isinstance(x, tuple) else x)

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from uqlora.data.prompts import DEFAULT_CLOZE_TEMPLATE, DEFAULT_TEMPLATE, answer_words, format_classification
-from uqlora.errors import UqloraError
 from uqlora.io import atomic_npz, atomic_write
 from uqlora.metrics.bounds import clopper_pearson, expectation_bounds, std_bounds
 from uqlora.metrics.probabilistic import probabilistic_choice_eval
-from uqlora.metrics.text import SCORES, score_text
+from uqlora.metrics.text import score_text
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +59,8 @@ def generation_eval(cfg, method, dm, split: str, member: int = 0, n_members: int
     from uqlora.models.generation import sample_continuations
 
     p = _prob_cfg(cfg)
-    if cfg.model.kind != "causal":
-        raise UqloraError(f"eval.prob.generate=true needs a causal LM; model '{cfg.model.name}' is an {cfg.model.kind}")
-    score = str(p.get("gen_score", "rouge_l"))
-    if score not in SCORES:
-        raise UqloraError(f"unknown eval.prob.gen_score '{score}'; valid choices: {', '.join(SCORES)}")
+    score = str(p.get("gen_score", "rouge_l"))  # values checked by uqlora.validate before the run starts
     n = int(p.get("gen_n_samples", 16))
-    if n < 1:
-        raise UqloraError(f"eval.prob.gen_n_samples must be >= 1, got {n}")
-    if not 0.0 < float(p.get("gen_top_p", 1.0)) <= 1.0:
-        raise UqloraError(f"eval.prob.gen_top_p must be in (0, 1], got {p.get('gen_top_p')}")
-    if float(p.get("gen_temperature", 1.0)) < 0:
-        raise UqloraError(f"eval.prob.gen_temperature must be >= 0, got {p.get('gen_temperature')}")
     if n_members > 1:
         n = int(np.random.default_rng(int(p.get("seed", 0))).multinomial(n, [1.0 / n_members] * n_members)[member])
     recs = dm.records[split]
@@ -169,11 +158,12 @@ def probabilistic_report(cfg, run_dir: Path, split: str, p: dict, logger) -> dic
     return m
 
 
-def _generation_metrics(cfg, run_dir, split, p, alpha, logger, title) -> dict:
+def _generation_metrics(cfg, run_dir, split, p, alpha, logger, title, score: str | None = None) -> dict:
+    """``gen_*`` bounds of sampled free-text scores; ``score`` (default ``eval.prob.gen_score``) names them."""
     from uqlora.logging_utils import log_image
 
     scores, greedy = np.asarray(p["gen_scores"], np.float64), np.asarray(p["gen_greedy"], np.float64)
-    score = str(_prob_cfg(cfg).get("gen_score", "rouge_l"))
+    score = str(score or _prob_cfg(cfg).get("gen_score", "rouge_l"))
     binary = score == "exact_match"
     per_mean, lo, hi = expectation_bounds(scores.T, alpha, "two")
     if binary:  # exact for a binary score

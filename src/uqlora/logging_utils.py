@@ -13,6 +13,7 @@ import logging
 import netrc
 import os
 from pathlib import Path
+from typing import Mapping
 
 from omegaconf import OmegaConf
 
@@ -40,28 +41,18 @@ def wandb_mode(requested: str | None = "auto") -> str:
     return "offline"
 
 
-def hydra_choices() -> dict[str, str]:
-    """The config-group options of the running Hydra job (``{}`` outside ``@hydra.main``: tests, notebooks)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return {str(k): str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
-    except (ImportError, ValueError, AttributeError):
-        return {}
-
-
-def experiment_name(cfg) -> str | None:
+def experiment_name(cfg, choices: Mapping[str, str] | None = None) -> str | None:
     """The experiment a run belongs to: ``experiment_name`` (set by every conf/experiment file), else the
-    ``experiment=`` option of the Hydra job; None for a plain run."""
+    ``experiment=`` option of the Hydra job (``choices``: its config-group options); None for a plain run."""
     name = cfg.get("experiment_name") if hasattr(cfg, "get") else None
-    return str(name) if name else hydra_choices().get("experiment")
+    return str(name) if name else (choices or {}).get("experiment")
 
 
-def run_tags(cfg, choices: dict[str, str] | None = None) -> list[str]:
+def run_tags(cfg, choices: Mapping[str, str] | None = None) -> list[str]:
     """W&B tags: method, data, model, seed (+ experiment, + the method option when it is not the name)."""
-    choices = hydra_choices() if choices is None else choices
+    choices = choices or {}
     tags = [f"method:{cfg.method.name}", f"data:{cfg.data.name}", f"model:{cfg.model.name}", f"seed:{cfg.seed}"]
-    exp = experiment_name(cfg)
+    exp = experiment_name(cfg, choices)
     if exp:
         tags.append(f"experiment:{exp}")
     option = choices.get("method")
@@ -70,7 +61,9 @@ def run_tags(cfg, choices: dict[str, str] | None = None) -> list[str]:
     return tags + [str(t) for t in (cfg.logger.get("tags") or [])]
 
 
-def build_logger(cfg, run_dir: Path):
+def build_logger(cfg, run_dir: Path, choices: Mapping[str, str] | None = None):
+    """The logger of ``cfg.logger`` writing into ``run_dir``; ``choices``: the Hydra job's config-group options
+    (W&B tags, group and the ``hydra_choices`` config entry)."""
     kind = cfg.logger.get("kind", "none")
     if kind not in LOGGERS:
         raise UqloraError(f"unknown logger '{kind}'; valid choices: {', '.join(LOGGERS)}")
@@ -84,12 +77,12 @@ def build_logger(cfg, run_dir: Path):
 
     mode = wandb_mode(cfg.logger.get("mode", "auto"))
     os.environ.setdefault("WANDB_SILENT", "true")
-    choices = hydra_choices()
+    choices = dict(choices or {})
     tags = run_tags(cfg, choices)
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     if choices:
         config["hydra_choices"] = choices  # e.g. method: laplace_ll -- experiments/make_tables.py --wandb reads it
-    group = cfg.logger.get("group") or experiment_name(cfg) or f"{cfg.data.name}-{cfg.model.name}"
+    group = cfg.logger.get("group") or experiment_name(cfg, choices) or f"{cfg.data.name}-{cfg.model.name}"
     return WandbLogger(project=cfg.logger.get("project", "uqlora"), entity=cfg.logger.get("entity"),
                        group=group, name=run_dir.name, save_dir=str(run_dir), mode=mode, tags=tags, config=config,
                        job_type=cfg.logger.get("job_type", "train"), id=wandb_run_id(run_dir), resume="allow")

@@ -1,4 +1,5 @@
-"""The state of a run directory: complete, failed, unfinished (resumable) or fresh.
+"""The life cycle of a run directory (:class:`uqlora.rundir.RunDir`): complete, failed, unfinished
+(resumable) or fresh.
 
 * ``results.json`` is written atomically and carries ``status``: ``complete`` (metrics present) or
   ``failed`` (with the one-line ``error``; the traceback is in ``error.log``). A truncated or unreadable file
@@ -22,12 +23,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from uqlora.errors import UqloraError
 from uqlora.io import atomic_json, atomic_write
+from uqlora.rundir import CONFIG_SNAPSHOT, RunDir, is_complete
 
 log = logging.getLogger(__name__)
-CONFIG_SNAPSHOT = "run_config.json"
 # keys that may differ without changing what a run computes: presentation / location only (skip_complete
 # compares with these) ...
-PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger",
+PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger", "method.display_name",
                 "data.num_workers", "data.data_dir", "optimized_metric")
 # ... and, for resuming, a longer schedule (extending a run is what resume is often for)
 RESUMABLE = PRESENTATION + ("train.ckpt_path", "trainer.max_epochs", "trainer.max_steps")
@@ -41,17 +42,7 @@ def _rank0() -> bool:
 
 def read_results(run_dir: Path) -> dict | None:
     """``results.json`` of a run directory, or None when absent, truncated or not a results file."""
-    try:
-        res = json.loads((Path(run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(res, dict) or ("metrics" not in res and res.get("status") != "failed"):
-        return None
-    return res
-
-
-def is_complete(res: dict | None) -> bool:
-    return res is not None and res.get("status", "complete") == "complete" and isinstance(res.get("metrics"), dict)
+    return RunDir(run_dir).results()
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -119,8 +110,8 @@ def restore_hydra_files(run_dir: Path) -> None:
 
 
 def last_checkpoints(run_dir: Path, num_models: int) -> list[Path | None]:
-    dirs = [run_dir] if num_models == 1 else [run_dir / "members" / str(m) for m in range(num_models)]
-    return [d / "checkpoints" / "last.ckpt" if (d / "checkpoints" / "last.ckpt").is_file() else None for d in dirs]
+    dirs = [RunDir(run_dir).member(m, num_models).checkpoints for m in range(num_models)]
+    return [d / "last.ckpt" if (d / "last.ckpt").is_file() else None for d in dirs]
 
 
 def resume_points(cfg: DictConfig, run_dir: Path, num_models: int) -> list[str | None]:
@@ -192,16 +183,7 @@ def one_line(exc: BaseException) -> str:
     return text if isinstance(exc, UqloraError) else f"{type(exc).__name__}: {text}"
 
 
-def _label(cfg) -> str | None:
-    try:
-        from uqlora.pipeline import method_label
-
-        return method_label(cfg)
-    except Exception:
-        return cfg.method.get("name")
-
-
-def record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
+def record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException, label: str | None = None) -> None:
     """``results.json`` with ``status: failed`` and the error (``error.log``: the traceback). Never replaces
     a complete result; never raises (the original error is what matters)."""
     try:
@@ -214,7 +196,7 @@ def record_failure(run_dir: Path, cfg: DictConfig, exc: BaseException) -> None:
         except Exception:  # an unresolvable config is itself the error
             config = OmegaConf.to_container(cfg, resolve=False)
         atomic_json({"status": "failed", "error": one_line(exc), "error_type": type(exc).__name__,
-                     "method": cfg.method.get("name"), "method_label": _label(cfg), "model": cfg.model.get("name"), "data": cfg.data.get("name"),
+                     "method": cfg.method.get("name"), "method_label": label or cfg.method.get("name"), "model": cfg.model.get("name"), "data": cfg.data.get("name"),
                      "seed": cfg.get("seed"), "run_dir": str(run_dir), "config": config}, Path(run_dir) / "results.json")
     except Exception as e:  # pragma: no cover - reporting must not mask the failure
         log.warning("could not record the failure in %s: %s", run_dir, e)

@@ -36,16 +36,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from uqlora.core.scores import sr_uncertainty, valid_count
 from uqlora.errors import UqloraError
 
 EPS = 1e-8
-
-
-def _valid_count(probs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    C = probs.shape[-1]
-    n = torch.full(probs.shape[:-1], float(C), dtype=probs.dtype, device=probs.device) if mask is None \
-        else mask.to(probs.dtype).sum(-1)
-    return n.clamp(min=2.0)
 
 
 def smoothmax_uncertainty(probs: torch.Tensor, lam: float, mask: torch.Tensor | None = None,
@@ -55,18 +49,7 @@ def smoothmax_uncertainty(probs: torch.Tensor, lam: float, mask: torch.Tensor | 
     if mask is not None:
         z = z.masked_fill(~mask.bool(), float("-inf"))
     smooth_max = torch.logsumexp(z, dim=-1) / lam
-    return ((1 - smooth_max) / (1 - 1 / _valid_count(probs, mask))).clamp(eps, 1 - eps)
-
-
-def sr_uncertainty(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax response as an uncertainty in [0, 1]: ``(1 - max p) / (1 - 1/C)``."""
-    return (1 - probs.max(-1).values) / (1 - 1 / _valid_count(probs, mask))
-
-
-def normalized_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Predictive entropy divided by log C (C = number of valid choices), in [0, 1]."""
-    ent = -(probs * probs.clamp(min=1e-12).log()).sum(-1)
-    return ent / _valid_count(probs, mask).log()
+    return ((1 - smooth_max) / (1 - 1 / valid_count(probs, mask))).clamp(eps, 1 - eps)
 
 
 class AdUEHead(nn.Module):

@@ -11,12 +11,23 @@ Where each split comes from (``data.*``):
 * ``ood``   -- optional: ``data.ood`` names another dataset whose ``ood_split`` is scored as
   out-of-distribution (multiple-choice questions become plain texts for classification models).
 
-Carving uses ``numpy.random.default_rng(seed)``: the same seed gives the same splits. Sizes are
-fractions (< 1) or counts (>= 1).
+Generation datasets (task ``generation``: gsm8k, instruct, instruct_mix) have no labels: their records
+are checked for a ``prompt`` and a ``response`` instead, and ``task_info`` reports ``num_classes`` 0 and
+no label names.
+
+Randomness: every split draws from its own stream, ``numpy.random.default_rng([seed, crc32(name)])``
+(:func:`split_rng`): the carve of train into calib / val / train uses the stream ``"carve"``, and each
+split's subsample (``max_<split>_samples``) the stream of its own name. So the same seed gives the same
+splits, and the size of one split never changes which examples another split holds: the test questions
+are the same whatever ``max_train_samples``, ``max_val_samples`` or ``calib_size``. The carve takes calib
+from the front of one permutation of train and val from its back, so calib does not depend on
+``val_size`` nor val on ``calib_size``. A subsample of k is the first k of a fixed permutation, so a
+smaller subsample is contained in a larger one. Sizes are fractions (< 1) or counts (>= 1).
 """
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
 
 import lightning.pytorch as pl
@@ -53,6 +64,12 @@ def _size(spec, n: int) -> int:
     return max(0, min(k, n))
 
 
+def split_rng(seed: int, stream: str) -> np.random.Generator:
+    """The random stream named ``stream`` (a split name, or ``"carve"``) of ``seed``:
+    ``default_rng([seed, crc32(stream)])`` -- stable across processes, unlike Python's salted ``hash``."""
+    return np.random.default_rng([int(seed), zlib.crc32(stream.encode("utf-8"))])
+
+
 def _subsample(records: list, k, rng) -> list:
     if k is None or int(k) >= len(records):
         return records
@@ -66,49 +83,82 @@ def _as_classification(rec: dict) -> dict:
     return {"id": rec["id"], "text": rec["question"], "text_pair": None, "label": -1}
 
 
+def _carve(n: int, dcfg, carve_val: bool, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, calib) indices into the official train split, each sorted: one permutation of the
+    ``"carve"`` stream; calib is its first ``calib_size``, val (when carved) its last ``val_size``."""
+    perm = split_rng(seed, "carve").permutation(n)
+    n_calib = _size(dcfg.get("calib_size"), n)
+    n_val = min(_size(dcfg.get("val_size", 0.1), n), n - n_calib) if carve_val else 0
+    calib, train, val = perm[:n_calib], perm[n_calib : n - n_val], perm[n - n_val :]
+    return np.sort(train), np.sort(val), np.sort(calib)
+
+
+def _test_split(name: str, avail: list[str]) -> str:
+    """``test``, or the official validation split where no labelled test split is available here."""
+    if "test" in avail:
+        return "test"
+    if "validation" not in avail:  # e.g. SST-2 from the hub: unlabelled test -> validation is the test set
+        raise DataError(f"dataset '{name}' has no test split here (available: {', '.join(avail)})")
+    log.warning("dataset '%s' has no labelled test split here: using its validation split as test", name)
+    return "validation"
+
+
+def _load_ood(dcfg, task: str, data_dir) -> list[dict]:
+    ood_opts = dict(dcfg.get("ood_options") or {})
+    ood = ds.load_split(dcfg.ood, dcfg.get("ood_split", "test"), data_dir, **ood_opts)
+    ood_task = ds.get_info(dcfg.ood, **ood_opts).task
+    if (task == ds.GENERATION) != (ood_task == ds.GENERATION):
+        raise DataError(f"data.ood='{dcfg.ood}' is a {ood_task} dataset; a {task} model cannot score it "
+                        "(generation and label tasks do not mix)")
+    if task == ds.CLASSIFICATION:
+        return [_as_classification(r) for r in ood]
+    if task == ds.MULTIPLE_CHOICE and "choices" not in ood[0]:
+        raise DataError(f"data.ood='{dcfg.ood}' is a classification dataset; a multiple-choice model cannot score it")
+    return ood
+
+
 def build_splits(dcfg, seed: int) -> dict[str, list[dict]]:
     """Load and carve the splits; no tokenizer needed (tests and ``eval.py`` use this directly)."""
     name, opts = dcfg.name, dict(dcfg.get("options") or {})
     data_dir = dcfg.get("data_dir")
     info = task_info(dcfg)
     avail = ds.available_splits(name, data_dir, **opts)
-    rng = np.random.default_rng(seed)
     train = ds.load_split(name, "train", data_dir, **opts)
-    perm = rng.permutation(len(train))
-    n_calib = _size(dcfg.get("calib_size"), len(train))
-    calib = [train[i] for i in np.sort(perm[:n_calib])]
-    rest = perm[n_calib:]
-    test_split = "test"
-    if "test" not in avail:  # e.g. SST-2 from the hub: unlabelled test -> official validation is the test set
-        if "validation" not in avail:
-            raise DataError(f"dataset '{name}' has no test split here (available: {', '.join(avail)})")
-        log.warning("dataset '%s' has no labelled test split here: using its validation split as test", name)
-        test_split = "validation"
-    if "validation" in avail and test_split != "validation" and dcfg.get("val_source", "official") == "official":
-        val = ds.load_split(name, "validation", data_dir, **opts)
-    else:
-        n_val = _size(dcfg.get("val_size", 0.1), len(train))
-        val, rest = [train[i] for i in np.sort(rest[:n_val])], rest[n_val:]
-    train = [train[i] for i in np.sort(rest)]
-    test = ds.load_split(name, test_split, data_dir, **opts)
-    out = {"train": train, "val": val, "calib": calib, "test": test}
-    for split in ("train", "val", "calib", "test"):
-        out[split] = _subsample(out[split], dcfg.get(f"max_{split}_samples"), rng)
+    test_split = _test_split(name, avail)
+    official_val = ("validation" in avail and test_split != "validation"
+                    and dcfg.get("val_source", "official") == "official")
+    train_idx, val_idx, calib_idx = _carve(len(train), dcfg, not official_val, seed)
+    out = {
+        "train": [train[i] for i in train_idx],
+        "val": ds.load_split(name, "validation", data_dir, **opts) if official_val else [train[i] for i in val_idx],
+        "calib": [train[i] for i in calib_idx],
+        "test": ds.load_split(name, test_split, data_dir, **opts),
+    }
     if dcfg.get("ood"):
-        ood_opts = dict(dcfg.get("ood_options") or {})
-        ood = ds.load_split(dcfg.ood, dcfg.get("ood_split", "test"), data_dir, **ood_opts)
-        if info.task == "classification":
-            ood = [_as_classification(r) for r in ood]
-        elif "choices" not in ood[0]:
-            raise DataError(f"data.ood='{dcfg.ood}' is a classification dataset; a multiple-choice model cannot score it")
-        out["ood"] = _subsample(ood, dcfg.get("max_ood_samples"), rng)
+        out["ood"] = _load_ood(dcfg, info.task, data_dir)
+    for split in out:
+        out[split] = _subsample(out[split], dcfg.get(f"max_{split}_samples"), split_rng(seed, split))
+    _check_splits(name, info, out, calib_wanted=len(calib_idx) > 0)
+    return out
+
+
+def _check_splits(name: str, info: TaskInfo, out: dict[str, list[dict]], calib_wanted: bool) -> None:
+    """No split is empty (calib only when it was asked for); labels in range, or generation texts present."""
     for split, recs in out.items():
-        if not recs and (split != "calib" or n_calib):
+        if not recs and (split != "calib" or calib_wanted):
             raise DataError(f"split '{split}' of dataset '{name}' is empty after carving/subsampling; "
                             f"check data.max_{split}_samples / data.{split}_size")
-        if split != "ood":
+        if info.task == ds.GENERATION:
+            _check_generation(name, split, recs)
+        elif split != "ood":
             _check_labels(name, split, recs, info.num_classes)
-    return out
+
+
+def _check_generation(name, split, recs):
+    bad = [r for r in recs if not (isinstance(r.get("prompt"), str) and isinstance(r.get("response"), str))]
+    if bad:
+        raise DataError(f"dataset '{name}' split '{split}': record {bad[0].get('id')} has no prompt/response text "
+                        "(a generation dataset needs both)")
 
 
 def _check_labels(name, split, recs, C):
@@ -143,8 +193,13 @@ class UQDataModule(pl.LightningDataModule):
         self.cfg, self.seed = dcfg, int(seed)
         self.shuffle_seed = self.seed if shuffle_seed is None else int(shuffle_seed)
         self.info = task_info(dcfg)
-        self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
-                                 dcfg.get("prompt"), causal=causal)
+        if head == "lm_sft":  # token-level SFT of generation records (uqlora.data.sft)
+            from uqlora.data.sft import SFTCollator
+
+            self.collator = SFTCollator(tokenizer, int(dcfg.max_length), bool(dcfg.get("mask_prompt", True)))
+        else:
+            self.collator = Collator(tokenizer, head, self.info.task, self.info.num_classes, int(dcfg.max_length),
+                                     dcfg.get("prompt"), causal=causal)
         self.records = records
 
     def setup(self, stage=None):
@@ -170,6 +225,3 @@ class UQDataModule(pl.LightningDataModule):
 
     def val_dataloader(self):
         return self.loader("val")
-
-    def test_dataloader(self):
-        return self.loader("test")

@@ -15,62 +15,58 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 
-from uqlora.core.adue import (AdUEHead, Cached, Mahalanobis, grid_search, normalized_entropy, sr_uncertainty)
+from uqlora.core.adue import AdUEHead, Cached, Mahalanobis, grid_search
+from uqlora.core.scores import normalized_entropy, sr_uncertainty
 from uqlora.errors import UqloraError
 from uqlora.methods import register
-from uqlora.methods.base import UQMethod
+from uqlora.methods.posthoc import PostHocConfig, PostHocMethod
+from uqlora.schema import POSITIVE_LIST, Choice, at_least, positive, rule
 
 log = logging.getLogger(__name__)
-SCORES = ("adue", "sr", "entropy", "mahalanobis")
-PROBABILITY_SCORES = ("adue", "sr")
+
+
+class Split(Choice):
+    train = "train"
+    calib = "calib"
+    val = "val"
 
 
 @dataclass
 class AdUEGrid:
-    lr: List[float] = field(default_factory=lambda: [1e-3, 1e-4, 1e-5])
-    alpha_reg: List[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
-    alpha_l2sp: List[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])
+    lr: List[float] = rule([1e-3, 1e-4, 1e-5], POSITIVE_LIST)
+    alpha_reg: List[float] = rule([0.01, 0.1, 1.0], POSITIVE_LIST)
+    alpha_l2sp: List[float] = rule([0.01, 0.1, 1.0], POSITIVE_LIST)
 
 
 @dataclass
-class AdUEConfig:
+class AdUEConfig(PostHocConfig):
     name: str = "adue"
-    lam: float = 100.0            # SmoothMax sharpness (paper: 100)
-    fit_split: str = "train"      # train (the paper) | calib | val
-    select_split: str = "val"     # early stopping and grid selection
+    display_name: str = "AdUE"
+    lam: float = positive(100.0)       # SmoothMax sharpness (paper: 100)
+    fit_split: Split = Split.train     # train (the paper) | calib | val
+    select_split: Split = Split.val    # early stopping and grid selection
     grid: AdUEGrid = field(default_factory=AdUEGrid)
-    epochs: int = 50
-    patience: int = 5
-    batch_size: int = 128
-    balanced: bool = True         # class-balanced (error / correct) sampling
-    mahalanobis: bool = True      # fit the Mahalanobis baseline on the train features
+    epochs: int = at_least(1, 50)
+    patience: int = at_least(1, 5)
+    batch_size: int = at_least(1, 128)
+    balanced: bool = True              # class-balanced (error / correct) sampling
+    mahalanobis: bool = True           # fit the Mahalanobis baseline on the train features
     seed: int = 0
-    map_run: Optional[str] = None  # reuse this run directory's MAP adapter instead of training
-
-
-def _check(c) -> None:
-    for key in ("fit_split", "select_split"):
-        if c[key] not in ("train", "calib", "val"):
-            raise UqloraError(f"unknown method.{key} '{c[key]}'; valid choices: train, calib, val (never test)")
-    if c.fit_split == c.select_split:
-        raise UqloraError(f"method.fit_split and method.select_split are both '{c.fit_split}'; "
-                          "early stopping needs held-out data")
-    for key in ("epochs", "patience", "batch_size"):
-        if int(c[key]) < 1:
-            raise UqloraError(f"method.{key} must be >= 1, got {c[key]}")
-    if float(c.lam) <= 0:
-        raise UqloraError(f"method.lam must be > 0, got {c.lam}")
 
 
 @register("adue", AdUEConfig)
-class AdUEMethod(UQMethod):
+class AdUEMethod(PostHocMethod):
+    probability_scores = ("adue", "sr")  # u_adue, u_sr are probabilities of error: their ECE is reported
+
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
-        _check(self.mcfg)
+        if self.mcfg.fit_split == self.mcfg.select_split:
+            raise UqloraError(f"method.fit_split and method.select_split are both '{self.mcfg.fit_split}'; "
+                              "early stopping needs held-out data")
         self.multiple_choice = _is_multiple_choice(cfg)  # Mahalanobis: one Gaussian (labels are positions)
         self.head: AdUEHead | None = None
         self.maha: Mahalanobis | None = None
@@ -92,16 +88,9 @@ class AdUEMethod(UQMethod):
     @torch.no_grad()
     def extract(self, datamodule, split: str) -> Cached:
         """Features, logits, choice mask and labels of a split, from one eval-mode pass (cached by the caller)."""
-        from tqdm.auto import tqdm
-
-        device = self.fit_device()
-        self.backbone.to(device).eval()
         feats, logits, masks, labels = [], [], [], []
-        for batch in tqdm(datamodule.loader(split), desc=f"AdUE: features of {split}", disable=not self.show_progress,
-                          leave=False):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with self.autocast(device):
-                z, f = self.backbone.logits_with_features(batch)
+        for batch in self.batches(datamodule.loader(split), f"AdUE: features of {split}"):
+            z, f = self.backbone.logits_with_features(batch)
             feats.append(f.float().cpu())
             logits.append(z.float().cpu())
             labels.append(batch["labels"].cpu())
@@ -115,10 +104,11 @@ class AdUEMethod(UQMethod):
             return (feats * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1.0)
         return feats
 
-    def posthoc_fit(self, datamodule) -> None:
+    def fit(self, datamodule) -> None:
         c = self.mcfg
-        train = self.extract(datamodule, c.fit_split)
-        val = self.extract(datamodule, c.select_split)
+        self._require_split(datamodule, str(c.select_split))
+        train = self.extract(datamodule, str(c.fit_split))
+        val = self.extract(datamodule, str(c.select_split))
         n_err = int(train.errors.sum())
         if n_err == 0 or n_err == len(train):
             log.warning("AdUE: the fine-tuned model is %s on all %d %s examples; the head learns from one class only",
@@ -137,7 +127,6 @@ class AdUEMethod(UQMethod):
             self.maha = Mahalanobis.fit(self._maha_features(src.feats, src.mask), labels)
         log.info("AdUE: head lr=%g alpha_reg=%g alpha_l2sp=%g, val error ROC-AUC %.4f (%d/%d errors)", best["lr"],
                  best["alpha_reg"], best["alpha_l2sp"], best["val_auroc"], self.tuning["select_errors"], len(val))
-        self.fitted = True
 
     # --- predictive -----------------------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
@@ -157,9 +146,7 @@ class AdUEMethod(UQMethod):
         return {k: v.float().cpu() if k != "labels" else v for k, v in out.items()}
 
     # --- persistence ------------------------------------------------------------------------------------------
-    def method_state_dict(self):
-        if self.head is None:
-            return {}
+    def fitted_state(self):
         state = {"head_config": self.head.config(), "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
                  "theta0": {k: v.cpu() for k, v in self.head.theta0.items()},
                  "tuning": {k: v for k, v in self.tuning.items() if k != "grid"}}
@@ -167,14 +154,13 @@ class AdUEMethod(UQMethod):
             state["mahalanobis"] = self.maha.state_dict()
         return state
 
-    def load_method_state_dict(self, state):
-        if not state or "head" not in state:
+    def load_fitted_state(self, state):
+        if "head" not in state:
             raise UqloraError("this run directory has no fitted AdUE head (checkpoints/method_state.pt)")
         self.head = AdUEHead.from_state(state["head_config"], state["head"], state["theta0"]).eval()
         m = state.get("mahalanobis")
         self.maha = None if m is None else Mahalanobis(m["means"], m["precision"])
         self.tuning = dict(state.get("tuning", {}))
-        self.fitted = True
 
 
 def _is_multiple_choice(cfg) -> bool:

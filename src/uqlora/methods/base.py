@@ -1,10 +1,20 @@
 """The LightningModule every method derives from: training with the (label-smoothed)
 cross-entropy, AdamW with linear warm-up/decay, validation metrics, and the predictive interface
 
-* ``posthoc_fit(datamodule)``  -- optional second stage on the calib split (no-op here);
+* ``prepare_fit(datamodule, runs)`` -- before training (``runs``: access to other finished runs' predictions);
+* ``posthoc_fit(datamodule)``  -- the stage after training (post-hoc methods: :mod:`uqlora.methods.posthoc`);
 * ``predictive(batch) -> probs [B, C]``;
 * ``predictive_samples(batch) -> [S, B, C] | None`` for methods that sample;
-* ``method_state_dict()`` / ``load_method_state_dict()`` -- the fitted post-hoc state (tensors only).
+* ``method_state_dict()`` / ``load_method_state_dict()`` -- the fitted state (tensors and plain values only).
+
+A method predicts only once it is fitted (``posthoc_fit`` ran, or a saved state was loaded); before that,
+prediction raises a one-line error.
+
+On generation data (token-level SFT, head ``lm_sft``) a batch's rows are its target tokens (``row_sample``
+names each row's example): the loss averages the rows as ``loss.token_reduction`` says, with the UAL authors'
+smoothing target, and ``predict_step`` returns per-token scores of :meth:`token_predictive` (the mean over the
+method's weight draws of the token probabilities) instead of ``[N, V]`` probabilities
+(:func:`uqlora.core.sft.token_scores`).
 """
 from __future__ import annotations
 
@@ -16,30 +26,43 @@ import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 
+from uqlora.core.scores import entropy_of_logits
+from uqlora.core.sft import row_weights, token_scores
 from uqlora.errors import UqloraError
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor = 0.0,
-                           choice_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of (1 - eps) * NLL + eps * (mean over the valid classes of -log p_c).
+                           choice_mask: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+                           others_only: bool = False) -> torch.Tensor:
+    """Mean over rows (or the ``weight``-weighted sum) of (1 - eps) * NLL + eps * (mean over the valid classes
+    of -log p_c). A row is an example (classification) or a target token (token-level SFT, C = the vocabulary).
 
-    ``eps`` may be a scalar or a per-example tensor [B]; masked (padded) choices get no smoothing mass,
-    unlike ``F.cross_entropy(label_smoothing=...)`` which would spread it over them too.
+    ``eps`` may be a scalar or a per-row tensor [R]; masked (padded) choices get no smoothing mass, unlike
+    ``F.cross_entropy(label_smoothing=...)`` which would spread it over them too. ``others_only``: the mean
+    runs over the C - 1 classes other than the label (the UAL authors' target: 1 - eps on the label, eps / (V - 1)
+    on every other token) instead of all C.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
-    nll = -logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    z = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least (bf16/fp16 logits upcast)
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse - z.gather(1, labels.unsqueeze(1)).squeeze(1)
+    reduce = (lambda x: x.mean()) if weight is None else (lambda x: (x * weight.to(x.dtype)).sum())  # noqa: E731
     if not torch.is_tensor(eps) and eps == 0.0:
-        return nll.mean()
-    mask = torch.ones_like(logp) if choice_mask is None else choice_mask.to(logp.dtype)
-    smooth = -(logp * mask).sum(1) / mask.sum(1)
-    eps = torch.as_tensor(eps, dtype=logp.dtype, device=logp.device)
-    return ((1 - eps) * nll + eps * smooth).mean()
+        return reduce(nll)
+    if choice_mask is None:  # sum_c log p_c from the logits, without a second [R, C] tensor
+        sum_logp, n = z.sum(1) - z.shape[1] * lse, float(z.shape[1])
+    else:
+        mask = choice_mask.to(z.dtype)
+        sum_logp, n = ((z - lse.unsqueeze(1)) * mask).sum(1), mask.sum(1)
+    eps = torch.as_tensor(eps, dtype=z.dtype, device=z.device)
+    if others_only:  # a row with one valid class has no other class to smooth towards: plain NLL
+        n_others = torch.as_tensor(n, dtype=z.dtype, device=z.device) - 1
+        smooth, eps = -(sum_logp + nll) / n_others.clamp(min=1.0), eps * (n_others > 0)
+    else:
+        smooth = -sum_logp / n
+    return reduce((1 - eps) * nll + eps * smooth)
 
 
-def predictive_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (nats) of ``softmax(logits)`` per example [B]; masked choices (-1e9) contribute 0."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+predictive_entropy = entropy_of_logits  # the entropy term of the loss (kept under its old name)
 
 
 ENTROPY_SUBSETS = ("all", "labels:<k>[,<k>...]", "ids:<file with one example id per line>")
@@ -77,6 +100,9 @@ class UQMethod(pl.LightningModule):
     trains = True  # False for purely post-hoc methods on a frozen model
     restore_best_after_fit = True  # evaluate the adapter of the best validation loss
     strict_loading = False  # Lightning checkpoints hold only the trainable tensors (see on_save_checkpoint)
+    probability_scores: tuple[str, ...] = ()  # per-example u_* outputs meant as P(error) (their ECE is reported)
+    extra_state_prefixes: tuple[str, ...] = ()  # trained state outside the backbone kept in last.ckpt (e.g. "var.")
+    supports_generation = False  # trains / predicts token-level SFT (generation data, head lm_sft)
 
     def __init__(self, backbone, cfg):
         super().__init__()
@@ -90,10 +116,18 @@ class UQMethod(pl.LightningModule):
         self.entropy_weight_rest = float(cfg.loss.get("entropy_weight_rest", 0.0))
         self.entropy_subset = str(cfg.loss.get("entropy_subset", "all") or "all")
         entropy_subset_flags(self.entropy_subset, [])  # validate the spelling before any training
+        self.token_reduction = str(cfg.loss.get("token_reduction", "sample"))  # token-level SFT: see row_loss_args
+        row_weights(torch.zeros(1, dtype=torch.long), 1, self.token_reduction)  # validate the spelling
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
         self.precision = str(cfg.model.get("precision", "32-true"))
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
         self.show_progress = cfg.get("progress_bar", "rich") != "none"
+        # validation accuracy and ECE as torchmetrics: accumulated over the epoch and summed across DDP processes
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+
+        C = max(2, int(getattr(backbone, "num_classes", 2)))
+        self.val_acc = MulticlassAccuracy(num_classes=C, average="micro")
+        self.val_ece = MulticlassCalibrationError(num_classes=C, n_bins=int((cfg.get("eval") or {}).get("n_bins", 15)), norm="l1")
 
     # --- post-hoc stages run outside the Trainer: their device and autocast ------------------------------
     def fit_device(self) -> torch.device:
@@ -112,8 +146,18 @@ class UQMethod(pl.LightningModule):
         return self.backbone.logits(batch)
 
     def loss(self, logits, batch):
-        ce = smoothed_cross_entropy(logits, batch["labels"], self.label_smoothing, batch.get("choice_mask"))
+        ce = smoothed_cross_entropy(logits, batch["labels"], self.label_smoothing, batch.get("choice_mask"),
+                                    **self.row_loss_args(batch))
         return ce + self.entropy_term(logits, batch)
+
+    def row_loss_args(self, batch) -> dict:
+        """Token-level SFT batches (rows = target tokens, ``row_sample``): the rows' weights
+        (``loss.token_reduction``, :func:`uqlora.core.sft.row_weights`) and the authors' smoothing target
+        (``others_only``); classification batches: none (mean over examples, smoothing over all classes)."""
+        if "row_sample" not in batch:
+            return {}
+        n = batch["input_ids"].shape[0]
+        return {"weight": row_weights(batch["row_sample"], n, self.token_reduction), "others_only": True}
 
     def entropy_term(self, logits, batch) -> torch.Tensor | float:
         r"""The entropy-optimisation term of Scholten et al. (ICLR 2025, their ``unlearning_trainer.py``):
@@ -154,9 +198,15 @@ class UQMethod(pl.LightningModule):
         # sync_dist: under DDP every process sees the validation loss of the whole split (mean of the per-process
         # means), so best-adapter selection and early stopping decide the same on every rank (no-op otherwise)
         self.log("val/loss", F.cross_entropy(logits, labels), prog_bar=True, on_epoch=True, batch_size=n, sync_dist=True)
-        self.log("val/acc", (logits.argmax(-1) == labels).float().mean(), prog_bar=True, on_epoch=True, batch_size=n,
-                 sync_dist=True)
-        return {"probs": logits.softmax(-1).detach(), "labels": labels}
+        probs = logits.float().softmax(-1).detach()
+        self.val_acc.update(probs, labels)
+        self.val_ece.update(probs, labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, on_epoch=True, batch_size=n)
+        self.log("val/ece", self.val_ece, prog_bar=True, on_epoch=True, batch_size=n)
+        if "row_sample" in batch:  # token rows: [R, V] probabilities are too large to keep for the epoch
+            conf, pred = probs.max(-1)
+            return {"confidence": conf, "correct": pred == labels}
+        return {"probs": probs, "labels": labels}
 
     def predictive(self, batch) -> torch.Tensor:
         return self(batch).softmax(-1)
@@ -164,7 +214,42 @@ class UQMethod(pl.LightningModule):
     def predictive_samples(self, batch) -> torch.Tensor | None:
         return None
 
+    def require_fitted(self) -> None:
+        if not self.fitted:
+            raise UqloraError(f"method '{self.name}' predicts before it was fitted: run its fit (train.py) or load "
+                              "a saved state (eval.py run_dir=...) first")
+
+    def on_predict_start(self):
+        self.require_fitted()
+        self.start_predict()
+
+    def on_predict_end(self):
+        self.end_predict()
+
+    def start_predict(self) -> None:
+        """Before a prediction pass (e.g. draw the S weight samples shared by every batch)."""
+
+    def end_predict(self) -> None:
+        """After a prediction pass (e.g. put the point estimate back)."""
+
+    def token_predictive(self, batch) -> torch.Tensor:
+        """Token-level SFT: the predictive next-token distribution ``[R, V]`` at the batch's target rows -- the
+        point estimate's, or for a method with S > 1 weight draws the mean over S of the token probabilities,
+        accumulated one draw at a time (S x [R, V] is never held)."""
+        S = int(self.num_weight_samples())
+        if S <= 1:
+            return self.predictive(batch).float()
+        p = None
+        for s in range(S):
+            with self.weight_sample(s):
+                q = self(batch).float().softmax(-1)
+            p = q if p is None else p.add_(q)
+        return p / S
+
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
+        if "row_sample" in batch:  # token-level SFT: per-token scores of the reference answers
+            return token_scores(self.token_predictive(batch), batch["labels"], batch["row_sample"],
+                                batch["input_ids"].shape[0])
         samples = self.predictive_samples(batch)
         if samples is not None:  # the predictive of a sampling method is the mean of its sampled probabilities
             samples = samples.float()
@@ -204,14 +289,22 @@ class UQMethod(pl.LightningModule):
         """Callbacks the method needs during fit (e.g. SWAG moment collection)."""
         return []
 
+    def _checkpoint_shapes(self) -> dict[str, tuple]:
+        """The tensors a Lightning checkpoint of this method holds: the trainable backbone tensors and the state
+        under :attr:`extra_state_prefixes`."""
+        own = {f"backbone.{n}": tuple(p.shape) for n, p in self.backbone.named_parameters() if p.requires_grad}
+        if self.extra_state_prefixes:
+            own.update({k: tuple(v.shape) for k, v in self.state_dict().items() if k.startswith(self.extra_state_prefixes)})
+        return own
+
     def on_save_checkpoint(self, checkpoint):
-        keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+        keep = self._checkpoint_shapes()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint):
         """Loading is non-strict (the frozen backbone is not in the checkpoint), so check here that the
         checkpoint holds exactly this model's trainable tensors: another model's fails in one line."""
-        own = {f"backbone.{n}": tuple(p.shape) for n, p in self.backbone.named_parameters() if p.requires_grad}
+        own = self._checkpoint_shapes()
         got = {k: tuple(v.shape) for k, v in checkpoint.get("state_dict", {}).items()}
         missing, unexpected = sorted(set(own) - set(got)), sorted(set(got) - set(own))
         wrong = sorted(k for k in own if k in got and own[k] != got[k])
@@ -221,8 +314,9 @@ class UQMethod(pl.LightningModule):
                               f"unexpected, {len(wrong)} wrong-shape tensors, e.g. '{first}'): it was saved from a "
                               "different model/head/LoRA config")
 
-    def prepare_fit(self, datamodule) -> None:
-        """Called before training (e.g. UAL attaches per-example label smoothing to the train records); here:
+    def prepare_fit(self, datamodule, runs=None) -> None:
+        """Called before training (e.g. UAL attaches per-example label smoothing to the train records, from the
+        predictions of a teacher run that ``runs`` -- a :class:`uqlora.sources.RunAccess` -- evaluates); here:
         the entropy-subset flag of every training record, when ``loss.entropy_subset`` is not ``all``."""
         if not self.entropy_weight and not self.entropy_weight_rest:
             return
@@ -242,12 +336,25 @@ class UQMethod(pl.LightningModule):
     def load_method_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.fitted = True
 
+    def extra_parameters(self) -> list[torch.nn.Parameter]:
+        """Trained parameters outside the backbone that AdamW steps too (without weight decay, on the same
+        schedule), e.g. variational standard deviations."""
+        return []
+
+    def after_optimizer_step(self, optimizer) -> None:
+        """Called after every optimiser step (e.g. a separate SGD step on a KL term)."""
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.after_optimizer_step(optimizer)
+
     def configure_optimizers(self):
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad]}]
+        extra = self.extra_parameters()
+        if extra:
+            groups.append({"params": list(extra), "weight_decay": 0.0})
         o = self.optim_cfg
-        if float(o.lr) <= 0:
-            raise UqloraError(f"optim.lr must be > 0, got {o.lr}")
-        opt = torch.optim.AdamW(params, lr=float(o.lr), weight_decay=float(o.weight_decay),
+        opt = torch.optim.AdamW(groups, lr=float(o.lr), weight_decay=float(o.weight_decay),
                                 betas=tuple(o.get("betas", (0.9, 0.999))), eps=float(o.get("eps", 1e-8)))
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warm = int(math.ceil(float(o.get("warmup_ratio", 0.0)) * total))

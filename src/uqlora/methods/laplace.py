@@ -16,81 +16,111 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 import torch
 
 from uqlora import distributed as dist
-from uqlora.core.kfac import (FISHERS, KFAC_APPROX, SUBSETS, capture, fit_kfac, per_example_jacobians, reduce_kfac,
-                              select_layers)
-from uqlora.core.laplace import LINKS, KronPosterior, glm_predictive
+from uqlora.core.kfac import capture, fit_kfac, per_example_jacobians, reduce_kfac, select_layers
+from uqlora.core.laplace import KronPosterior, glm_predictive
 from uqlora.core.laplace_prior import tune_marglik, tune_val_nll
 from uqlora.errors import UqloraError
 from uqlora.methods import register
-from uqlora.methods.base import UQMethod
+from uqlora.methods.posthoc import PostHocConfig, PostHocMethod
+from uqlora.schema import POSITIVE_LIST, Choice, at_least, positive, rule
 
 log = logging.getLogger(__name__)
-PRIOR_METHODS = ("marglik", "val_nll", "fixed")
+
+
+class Split(Choice):
+    train = "train"
+    val = "val"
+    calib = "calib"
+
+
+class PriorMethod(Choice):
+    marglik = "marglik"
+    val_nll = "val_nll"
+    fixed = "fixed"
+
+
+class Structure(Choice):
+    scalar = "scalar"
+    layerwise = "layerwise"
+
+
+class Search(Choice):
+    grid = "grid"
+    gradient = "gradient"
+
+
+class Subset(Choice):
+    all = "all"
+    last_layer = "last_layer"
+
+
+class Fisher(Choice):
+    exact = "exact"
+    mc = "mc"
+    empirical = "empirical"
+
+
+class KfacApprox(Choice):
+    expand = "expand"
+    expand_sum = "expand_sum"
+    reduce = "reduce"
+
+
+class PredType(Choice):
+    glm = "glm"
+    nn = "nn"
+
+
+class Link(Choice):
+    probit = "probit"
+    mc = "mc"
+    bridge = "bridge"
 
 
 @dataclass
 class PriorConfig:
-    method: str = "marglik"       # marglik | val_nll | fixed
-    structure: str = "scalar"     # scalar | layerwise (one precision per layer)
-    init: float = 1.0             # starting value (the value itself for method=fixed)
-    split: str = "val"            # val_nll: the split whose NLL is minimised
-    search: str = "grid"          # val_nll: grid (scalar) | gradient
-    grid: List[float] = field(default_factory=lambda: [10.0 ** (k / 2) for k in range(-8, 9)])
-    steps: int = 300              # Adam steps (marglik; val_nll gradient)
-    lr: float = 0.1
+    method: PriorMethod = PriorMethod.marglik  # marglik | val_nll | fixed
+    structure: Structure = Structure.scalar    # scalar | layerwise (one precision per layer)
+    init: float = positive(1.0)                # starting value (the value itself for method=fixed)
+    split: Split = Split.val                   # val_nll: the split whose NLL is minimised
+    search: Search = Search.grid               # val_nll: grid (scalar) | gradient
+    grid: List[float] = rule([10.0 ** (k / 2) for k in range(-8, 9)], POSITIVE_LIST)
+    steps: int = at_least(1, 300)              # Adam steps (marglik; val_nll gradient)
+    lr: float = positive(0.1)
 
 
 @dataclass
-class LaplaceConfig:
+class LaplaceConfig(PostHocConfig):
     name: str = "laplace"
-    subset: str = "all"           # all | last_layer
-    fisher: str = "exact"         # exact | mc | empirical
-    kfac_approx: str = "expand"   # reduce | expand | expand_sum (over token positions; core/kfac.py)
-    fisher_samples: int = 1       # mc: labels sampled per example
-    n_kfac: int = 10              # rank kept for wide factors (paper: 10)
-    lowrank_threshold: int = 1024  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
-    fit_split: str = "train"
+    display_name: str = "Laplace-LoRA"
+    subset: Subset = Subset.all                # all | last_layer
+    fisher: Fisher = Fisher.exact              # exact | mc | empirical
+    kfac_approx: KfacApprox = KfacApprox.expand  # expand | expand_sum | reduce (over token positions; core/kfac.py)
+    fisher_samples: int = at_least(1, 1)       # mc: labels sampled per example
+    n_kfac: int = at_least(1, 10)              # rank kept for wide factors (paper: 10)
+    lowrank_threshold: int = at_least(1, 1024)  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
+    fit_split: Split = Split.train
     prior: PriorConfig = field(default_factory=PriorConfig)
-    pred_type: str = "glm"        # glm | nn
-    link: str = "probit"          # glm: probit | mc | bridge
-    num_samples: int = 100        # mc link: logit samples; nn: weight draws
+    pred_type: PredType = PredType.glm         # glm | nn
+    link: Link = Link.probit                   # glm: probit | mc | bridge
+    num_samples: int = at_least(1, 100)        # mc link: logit samples; nn: weight draws
     eval_seed: int = 0
-    seed: int = 0                 # mc Fisher labels
-    map_run: Optional[str] = None  # reuse this run directory's MAP adapter instead of training
-
-
-def _check(c) -> None:
-    for key, value, valid in (("subset", c.subset, SUBSETS), ("fisher", c.fisher, FISHERS), ("link", c.link, LINKS),
-                              ("kfac_approx", c.kfac_approx, KFAC_APPROX),
-                              ("pred_type", c.pred_type, ("glm", "nn")), ("prior.method", c.prior.method, PRIOR_METHODS),
-                              ("prior.structure", c.prior.structure, ("scalar", "layerwise")),
-                              ("prior.search", c.prior.search, ("grid", "gradient"))):
-        if value not in valid:
-            raise UqloraError(f"unknown method.{key} '{value}'; valid choices: {', '.join(valid)}")
-    for key, value in (("num_samples", c.num_samples), ("fisher_samples", c.fisher_samples), ("n_kfac", c.n_kfac)):
-        if int(value) < 1:
-            raise UqloraError(f"method.{key} must be >= 1, got {value}")
-    if float(c.prior.init) <= 0:
-        raise UqloraError(f"method.prior.init must be > 0, got {c.prior.init}")
-    for key, split in (("fit_split", c.fit_split), ("prior.split", c.prior.split)):
-        if split == "test":
-            raise UqloraError(f"method.{key}=test would fit on the test split; use train, val or calib")
-    if c.prior.method == "val_nll" and c.prior.search == "grid" and c.prior.structure == "layerwise":
-        raise UqloraError("method.prior.structure=layerwise needs prior.search=gradient (a grid covers one scalar)")
+    seed: int = 0                              # mc Fisher labels
 
 
 @register("laplace", LaplaceConfig)
-class LaplaceMethod(UQMethod):
+class LaplaceMethod(PostHocMethod):
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
-        _check(self.mcfg)
-        self.layers = select_layers(backbone, self.mcfg.subset)
-        self.needs_grad_in_predict = self.mcfg.pred_type == "glm"
+        c = self.mcfg
+        if c.prior.method == "val_nll" and c.prior.search == "grid" and c.prior.structure == "layerwise":
+            raise UqloraError("method.prior.structure=layerwise needs prior.search=gradient (a grid covers one scalar)")
+        self.layers = select_layers(backbone, str(c.subset))
         self.posterior: KronPosterior | None = None
         self.tuning: dict = {}
         self._draws = None
@@ -98,24 +128,20 @@ class LaplaceMethod(UQMethod):
         self._gen: torch.Generator | None = None
 
     # --- fitting ------------------------------------------------------------------------------------------
-    def posthoc_fit(self, datamodule) -> None:
+    def fit(self, datamodule) -> None:
         c = self.mcfg
         device = self.fit_device()
-        self.backbone.to(device)
         # DDP: each process fits the factors on its contiguous shard of fit_split, then the sums are added up
         # across processes (reduce_kfac): N / W examples per process and one all-reduce of the factors, the same
         # factors as one process over the whole split. mc Fisher: an independent label stream per process.
         world, rank = dist.world_size(), dist.global_rank()
-        loader = datamodule.loader(c.fit_split)
-        if world > 1:
-            loader = dist.shard_loader(loader, world, rank)
-        res = fit_kfac(self.backbone, loader, self.layers, fisher=c.fisher,
+        batches = self.batches(datamodule.loader(self.fit_split), "Laplace: KFAC factors", shard=True)
+        res = fit_kfac(self.backbone, batches, self.layers, fisher=str(c.fisher),
                        n_samples=int(c.fisher_samples), lowrank_threshold=int(c.lowrank_threshold),
-                       n_kfac=int(c.n_kfac), device=device, autocast=self.autocast(device),
-                       seed=int(c.seed) + (rank if world > 1 else 0), progress=self.show_progress,
-                       approx=c.kfac_approx, allow_empty=world > 1)
+                       n_kfac=int(c.n_kfac), device=device, seed=int(c.seed) + (rank if world > 1 else 0),
+                       progress=False, approx=str(c.kfac_approx), allow_empty=world > 1)
         res = reduce_kfac(res)
-        post = KronPosterior.from_kfac(res, float(c.prior.init), c.prior.structure)
+        post = KronPosterior.from_kfac(res, float(c.prior.init), str(c.prior.structure))
         post = KronPosterior.from_state_dict({k: _cpu(v) for k, v in post.state_dict().items()})
         self.posterior = post
         self.tuning = {"n_fit": res.n_data, "log_lik": res.log_lik, "params": post.num_params,
@@ -134,7 +160,6 @@ class LaplaceMethod(UQMethod):
         log.info("Laplace: %d params in %d layers, N=%d, prior precision %s, log evidence %.2f",
                  post.num_params, len(self.layers), res.n_data, self.tuning["prior_precision"][:4],
                  self.tuning["log_marglik"])
-        self.fitted = True
 
     def _glm_terms(self, batch):
         """``(f_mu [B, C], projections)`` of one batch: one forward and one vmapped backward pass."""
@@ -146,24 +171,17 @@ class LaplaceMethod(UQMethod):
         return logits.detach(), post.project([J.to(post.Qa[0].device) for J in jacs])
 
     def _tune_val_nll(self, datamodule, device) -> None:
-        from tqdm.auto import tqdm
-
         c, post = self.mcfg, self.posterior
-        self.backbone.eval()
-
         def batches():  # read once by tune_val_nll (streamed for the probit grid search, else cached)
-            for batch in tqdm(datamodule.loader(c.prior.split), desc=f"Laplace: prior on {c.prior.split}",
-                              disable=not self.show_progress, leave=False):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with self.autocast(device):
-                    f_mu, proj = self._glm_terms(batch)
+            for batch in self.batches(datamodule.loader(str(c.prior.split)), f"Laplace: prior on {c.prior.split}"):
+                f_mu, proj = self._glm_terms(batch)
                 proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
                 mask = batch.get("choice_mask")
                 yield f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()
 
-        link = c.link if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
-        self.tuning.update(tune_val_nll(post, batches(), list(c.prior.grid), c.prior.search, c.prior.structure,
-                                        int(c.prior.steps), float(c.prior.lr), link))
+        link = str(c.link) if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
+        self.tuning.update(tune_val_nll(post, batches(), list(c.prior.grid), str(c.prior.search),
+                                        str(c.prior.structure), int(c.prior.steps), float(c.prior.lr), link))
 
     # --- predictive -----------------------------------------------------------------------------------------
     def _require(self):
@@ -171,14 +189,14 @@ class LaplaceMethod(UQMethod):
             raise UqloraError("Laplace predictive before the posterior was fitted or loaded")
         return self.posterior
 
-    def on_predict_start(self):
+    def start_predict(self):
         post = self._require()
         c = self.mcfg
         self._gen = torch.Generator().manual_seed(int(c.eval_seed))
         if c.pred_type == "nn":
             self._draws = post.sample(int(c.num_samples), generator=self._gen)
 
-    def on_predict_end(self):
+    def end_predict(self):
         if self._draws is not None:
             self._assign(self.posterior.theta)
         self._draws = None
@@ -190,10 +208,10 @@ class LaplaceMethod(UQMethod):
     def _glm(self, batch):
         post = self._require()
         if self._gen is None:
-            self.on_predict_start()
+            self.start_predict()
         f_mu, proj = self._glm_terms(batch)
         fvar = post.functional_variance(proj)
-        probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), self.mcfg.link, int(self.mcfg.num_samples),
+        probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), str(self.mcfg.link), int(self.mcfg.num_samples),
                                         generator=self._gen, mask=_cpu(batch.get("choice_mask")))
         dev = batch["labels"].device
         return probs.float().to(dev), None if samples is None else samples.float().to(dev)
@@ -216,7 +234,7 @@ class LaplaceMethod(UQMethod):
         if self.mcfg.pred_type == "glm":
             return self._glm(batch)[1]  # None unless link=mc
         if self._draws is None:
-            self.on_predict_start()
+            self.start_predict()
         out = []
         for s in range(self._draws[0].shape[0]):
             self._assign([d[s] for d in self._draws])
@@ -242,14 +260,12 @@ class LaplaceMethod(UQMethod):
             self._assign(post.theta)
 
     # --- persistence ------------------------------------------------------------------------------------------
-    def method_state_dict(self):
-        if self.posterior is None:
-            return {}
-        return {"posterior": self.posterior.state_dict(), "subset": self.mcfg.subset,
+    def fitted_state(self):
+        return {"posterior": self.posterior.state_dict(), "subset": str(self.mcfg.subset),
                 "tuning": {k: v for k, v in self.tuning.items() if isinstance(v, (int, float, list))}}
 
-    def load_method_state_dict(self, state):
-        if not state or "posterior" not in state:
+    def load_fitted_state(self, state):
+        if "posterior" not in state:
             raise UqloraError("this run directory has no fitted Laplace posterior (checkpoints/method_state.pt)")
         post = KronPosterior.from_state_dict(state["posterior"])
         names = [lay.name for lay in self.layers]
@@ -260,7 +276,6 @@ class LaplaceMethod(UQMethod):
         self._gen_draws = None  # weight draws of the previous posterior (another member) are stale
         self.tuning = dict(state.get("tuning", {}))
         self._assign(post.theta)
-        self.fitted = True
 
 
 def _cpu(v):

@@ -5,7 +5,7 @@ learning rate to ``lr`` and collects snapshots of the LoRA (+ head) parameters i
 :class:`uqlora.core.swag.SWAG`. The predictive averages the softmax over ``num_samples`` weight draws.
 The S draws are made once per evaluation from a generator seeded with ``eval_seed`` and shared by every
 batch, so each sample is one function over the whole evaluation set (not per-batch noise).
-MultiSWAG = ``num_models`` independently seeded SWAG runs; the pipeline pools their M x S samples.
+MultiSWAG = ``num_models`` independently seeded SWAG runs, pooled over their M x S samples.
 """
 from __future__ import annotations
 
@@ -18,66 +18,70 @@ from typing import Optional
 import torch
 
 from uqlora.callbacks.swag import SWAGCallback, swag_parameters
-from uqlora.core.swag import SWAG, assign, flatten
+from uqlora.core.swag import SWAG, assign
 from uqlora.errors import UqloraError
 from uqlora.methods import register
 from uqlora.methods.base import UQMethod
+from uqlora.schema import POSITIVE, Choice, MethodConfig, at_least, non_negative, optional, rule
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
+class Unit(Choice):
+    epoch = "epoch"
+    step = "step"
+
+
+class Params(Choice):
+    all = "all"
+    lora = "lora"
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    float64 = "float64"
+
+
 @dataclass
-class SwagConfig:
+class SwagConfig(MethodConfig):
     name: str = "swag"
-    start: float = 0.5           # epoch / step at which the SWAG phase begins; a value in (0, 1): that fraction of training
-    unit: str = "step"           # epoch | step (units of start, collect_every, anneal)
-    collect_every: int = 10      # snapshot period
-    lr: Optional[float] = None   # learning rate of the SWAG phase (annealed to); null: optim.lr / 2
-    anneal: int = 0              # length of the linear annealing to lr (0: switch at once)
-    max_rank: int = 5            # K: deviation columns kept (the low-rank part of the covariance)
-    diag_only: bool = False      # sample with the diagonal covariance only
-    scale: float = 1.0           # covariance scale at sampling time
-    num_samples: int = 15        # S
-    params: str = "all"          # all: LoRA A/B + trained head | lora: LoRA only
-    reload_best: bool = True     # start the SWAG phase from the best adapter by validation loss
-    var_floor: float = 1e-30
-    dtype: str = "float32"       # moment accumulation: float32 | float64
-    eval_seed: int = 0           # seed of the S weight draws
-    num_models: int = 1          # M > 1: MultiSWAG
-
-
-def _check(cfg):
-    if cfg.num_samples < 1:
-        raise UqloraError(f"method.num_samples must be >= 1, got {cfg.num_samples}")
-    if cfg.max_rank < 2:
-        raise UqloraError(f"method.max_rank (K) must be >= 2, got {cfg.max_rank}")
-    if cfg.scale < 0:
-        raise UqloraError(f"method.scale must be >= 0, got {cfg.scale}")
-    if cfg.dtype not in DTYPES:
-        raise UqloraError(f"unknown method.dtype '{cfg.dtype}'; valid choices: {', '.join(DTYPES)}")
+    display_name: str = "SWAG"
+    start: float = non_negative(0.5)  # epoch / step at which the SWAG phase begins; in (0, 1): that fraction of training
+    unit: Unit = Unit.step            # epoch | step (units of start, collect_every, anneal)
+    collect_every: int = at_least(1, 10)  # snapshot period
+    lr: Optional[float] = rule(None, optional(POSITIVE))  # SWAG-phase learning rate (annealed to); null: optim.lr / 2
+    anneal: int = at_least(0, 0)      # length of the linear annealing to lr (0: switch at once)
+    max_rank: int = at_least(2, 5)    # K: deviation columns kept (the low-rank part of the covariance)
+    diag_only: bool = False           # sample with the diagonal covariance only
+    scale: float = non_negative(1.0)  # covariance scale at sampling time
+    num_samples: int = at_least(1, 15)  # S
+    params: Params = Params.all       # all: LoRA A/B + trained head | lora: LoRA only
+    reload_best: bool = True          # start the SWAG phase from the best adapter by validation loss
+    var_floor: float = non_negative(1e-30)
+    dtype: Dtype = Dtype.float32      # moment accumulation: float32 | float64
+    eval_seed: int = 0                # seed of the S weight draws
+    num_models: int = at_least(1, 1)  # M > 1: MultiSWAG
 
 
 @register("swag", SwagConfig)
 class SWAGMethod(UQMethod):
+    supports_generation = True  # token-level SFT (generation data)
     restore_best_after_fit = False  # the SWAG mean, not the best MAP adapter, is what SWAG predicts with
 
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
-        _check(self.mcfg)
-        named = swag_parameters(backbone, self.mcfg.params)
+        named = swag_parameters(backbone, str(self.mcfg.params))
         self.swag_names, self.swag_params = [n for n, _ in named], [p for _, p in named]
         self.swag = SWAG(sum(p.numel() for p in self.swag_params), max_rank=int(self.mcfg.max_rank),
-                         var_floor=float(self.mcfg.var_floor), dtype=DTYPES[self.mcfg.dtype])
+                         var_floor=float(self.mcfg.var_floor), dtype=DTYPES[str(self.mcfg.dtype)])
         self._draws: torch.Tensor | None = None
         self.swag_lr = float(self.mcfg.lr) if self.mcfg.lr is not None else float(cfg.optim.lr) / 2
-        if self.swag_lr <= 0:
-            raise UqloraError(f"method.lr (the SWAG learning rate) must be > 0, got {self.swag_lr}")
 
     def extra_callbacks(self, member_dir):
         c = self.mcfg
-        return [SWAGCallback(self.swag, self.swag_params, start=float(c.start), unit=c.unit,
+        return [SWAGCallback(self.swag, self.swag_params, start=float(c.start), unit=str(c.unit),
                              collect_every=int(c.collect_every), lr=self.swag_lr, anneal=int(c.anneal),
                              reload_best=bool(c.reload_best), best_path=member_dir / "checkpoints" / "best_adapter.pt")]
 
@@ -94,7 +98,7 @@ class SWAGMethod(UQMethod):
         assign(self.swag_params, self.swag.mean)  # the SWA mean is the point estimate kept in adapter.pt
         self.fitted = True
 
-    def on_predict_start(self):
+    def start_predict(self):
         if self.swag.n == 0:
             raise UqloraError("SWAG predictive before any snapshot was collected (no fitted SWAG state)")
         g = torch.Generator().manual_seed(int(self.mcfg.eval_seed))
@@ -102,13 +106,13 @@ class SWAGMethod(UQMethod):
                                                     diag_only=bool(self.mcfg.diag_only))
                                    for _ in range(int(self.mcfg.num_samples))])
 
-    def on_predict_end(self):
+    def end_predict(self):
         assign(self.swag_params, self.swag.mean)
         self._draws = None
 
     def predictive_samples(self, batch) -> torch.Tensor:
         if self._draws is None:
-            self.on_predict_start()
+            self.start_predict()
         out = []
         for draw in self._draws:
             assign(self.swag_params, draw)
@@ -122,7 +126,7 @@ class SWAGMethod(UQMethod):
     @contextlib.contextmanager
     def weight_sample(self, s: int):
         if self._draws is None:
-            self.on_predict_start()
+            self.start_predict()
         assign(self.swag_params, self._draws[int(s)])
         try:
             yield
@@ -146,7 +150,8 @@ class SWAGMethod(UQMethod):
 @dataclass
 class MultiSwagConfig(SwagConfig):
     name: str = "multiswag"
-    num_models: int = 3
+    display_name: str = "MultiSWAG"
+    num_models: int = at_least(1, 3)
 
 
 @register("multiswag", MultiSwagConfig)

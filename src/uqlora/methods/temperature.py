@@ -11,11 +11,9 @@ where p is the predictive of the underlying model. Two ways to get that model:
   T on its logits (log_softmax(logits) / T is logits / T up to a per-example constant: the classic
   logit temperature scaling).
 * ``method.map_run=<run dir>``: no training; T is fitted on top of the predictive of ANY finished
-  single-model run -- map, swag, laplace, mc_dropout, adue, ual, ... The run's adapter is loaded by the
-  pipeline, its method is rebuilt from its ``.hydra/config.yaml`` (on the same backbone, with this run's
-  ``trainer``, ``progress_bar`` and ``data``) and its fitted state (``checkpoints/method_state.pt``) is
-  loaded before the calibration predictions. The base run directory must still exist when this run is
-  re-evaluated with ``eval.py`` (its config rebuilds the inner method; its state is copied into ours).
+  single-model run -- map, swag, laplace, mc_dropout, adue, ual, ... The orchestrator loads the run's adapter,
+  rebuilds its method on the same backbone and loads its fitted state (:func:`uqlora.sources.attach_source`);
+  that method and its state are saved inside ours, so ``eval.py`` needs only this run's directory.
 
 Sampling methods (SWAG, MC dropout, Laplace with sampled links) are calibrated "pool, then calibrate":
 T rescales the log of the pooled (sample-averaged) predictive. Their per-sample probabilities are dropped
@@ -23,114 +21,51 @@ from the output: each sample scaled separately would no longer average to the ca
 unscaled samples would describe the uncalibrated one. Other per-example outputs (AdUE's ``u_*`` scores)
 are kept as the base method computed them. The argmax, hence the accuracy, is unchanged.
 
-Saved state: ``{"temperature": tensor([T]), "tuning": {...}, "inner.<key>": <the base method's state>}``.
+Saved state: ``{"temperature": tensor([T]), "tuning": {...}}`` (+ ``base`` and ``base_method_config`` when
+a method other than MAP is wrapped).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
 
 import torch
-from omegaconf import open_dict
-from torch.nn import functional as F
 
-from uqlora.core.temperature import NEG, apply_temperature, fit_temperature
+from uqlora.core.temperature import apply_temperature, fit_temperature
 from uqlora.errors import UqloraError
-from uqlora.methods import get_method, register
-from uqlora.methods.base import UQMethod
+from uqlora.methods import register
+from uqlora.methods.posthoc import PostHocConfig, PostHocMethod
+from uqlora.schema import Choice, at_least
 
 log = logging.getLogger(__name__)
-FIT_SPLITS = ("calib", "val")
-MAP_LIKE = ("map", "temperature")  # base runs whose predictive is the softmax of the adapter's logits
-INNER = "inner."
+
+
+class FitSplit(Choice):
+    calib = "calib"
+    val = "val"
 
 
 @dataclass
-class TemperatureConfig:
+class TemperatureConfig(PostHocConfig):
     name: str = "temperature"
-    split: str = "calib"           # split T is fitted on: calib | val (never train or test)
-    max_iter: int = 100            # L-BFGS iterations
-    map_run: Optional[str] = None  # a finished single-model run to calibrate instead of training MAP
-
-
-def _check(c) -> None:
-    if c.split not in FIT_SPLITS:
-        raise UqloraError(f"unknown method.split '{c.split}'; valid choices: {', '.join(FIT_SPLITS)} "
-                          "(never train or test: T must be fitted on held-out data)")
-    if int(c.max_iter) < 1:
-        raise UqloraError(f"method.max_iter must be >= 1, got {c.max_iter}")
-
-
-def _base_run(cfg):
-    """``(base run config, its directory)`` of ``method.map_run``, checked to be a single-model run."""
-    from uqlora.pipeline import load_run_config, member_dirs
-
-    src = Path(str(cfg.method.map_run))
-    base = load_run_config(src)
-    dirs = member_dirs(src)
-    if len(dirs) > 1:
-        raise UqloraError(f"method.map_run '{src}' has {len(dirs)} members ({base.method.name}); temperature "
-                          "scaling of a multi-member run is not supported: pass a single-model run directory")
-    if base.method.name == "temperature" and base.method.get("map_run"):
-        raise UqloraError(f"method.map_run '{src}' is itself temperature scaling of '{base.method.map_run}'; "
-                          "pass that run directory instead")
-    return base, dirs[0]
+    display_name: str = "Temperature"
+    split: FitSplit = FitSplit.calib  # split T is fitted on: calib | val (never train or test)
+    max_iter: int = at_least(1, 100)  # L-BFGS iterations
 
 
 @register("temperature", TemperatureConfig)
-class TemperatureScaling(UQMethod):
-    trains = True  # MAP training unless method.map_run is set (the pipeline then sets trains=False)
+class TemperatureScaling(PostHocMethod):
+    wraps_any = True           # on top of any finished single-model run's predictive (method.map_run)
+    fit_split_key = "split"
 
     def __init__(self, backbone, cfg):
         super().__init__(backbone, cfg)
-        _check(self.mcfg)
         self.temperature = 1.0
         self.tuning: dict = {}
-        self.base_method = "map"
-        self.base_dir: Path | None = None
-        self.inner: UQMethod | None = None
-        if self.mcfg.get("map_run"):
-            base, self.base_dir = _base_run(cfg)
-            self.base_method = str(base.method.name)
-            if self.base_method not in MAP_LIKE:
-                merged = base.copy()
-                with open_dict(merged):
-                    for key in ("trainer", "progress_bar", "data"):
-                        if cfg.get(key) is not None:
-                            merged[key] = cfg[key]
-                # a registered submodule: moved to the predict device with us; shares the backbone
-                self.inner = get_method(self.base_method)(backbone, merged)
-        self.needs_grad_in_predict = bool(getattr(self.inner, "needs_grad_in_predict", False))
 
-    # --- the uncalibrated predictive ----------------------------------------------------------------------------
-    def _uncalibrated(self, batch, batch_idx, dataloader_idx=0):
-        """``(outputs without probs/samples, log p [B, C])`` of the base predictive for one batch."""
-        if self.inner is None:
-            logits = self(batch).float()
-            return {"labels": batch["labels"]}, F.log_softmax(logits, -1)
-        out = dict(self.inner.predict_step(batch, batch_idx, dataloader_idx))
-        probs = out.pop("probs").float()
-        out.pop("samples", None)
-        # a real choice whose probability underflowed to 0 gets log(1e-45), not -inf/NEG: its label would
-        # otherwise make the calibration NLL unbounded and push T to its upper clamp
-        log_p = probs.clamp_min(1e-45).log()
-        mask = batch.get("choice_mask")
-        if mask is not None:  # padded choices stay at probability 0 whatever the base method gave them
-            log_p = log_p.masked_fill(~mask.bool().to(log_p.device), NEG)
-        return out, log_p
-
-    def on_predict_start(self):
-        if self.inner is not None and hasattr(self.inner, "on_predict_start"):
-            self.inner.on_predict_start()
-
-    def on_predict_end(self):
-        if self.inner is not None and hasattr(self.inner, "on_predict_end"):
-            self.inner.on_predict_end()
-
+    # --- predictive -----------------------------------------------------------------------------------------
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
-        out, log_p = self._uncalibrated(batch, batch_idx, dataloader_idx)
+        out, log_p = self.base_outputs(batch, batch_idx, dataloader_idx)
         return {"probs": apply_temperature(log_p, self.temperature).float(), **out}
 
     def predictive(self, batch) -> torch.Tensor:
@@ -138,80 +73,46 @@ class TemperatureScaling(UQMethod):
 
     # free-text generation draws the base method's weights; a temperature does not apply to sampled text
     def num_weight_samples(self) -> int:
-        return self.inner.num_weight_samples() if self.inner is not None else super().num_weight_samples()
+        return self.base.num_weight_samples() if self.base is not None else super().num_weight_samples()
 
     def weight_sample(self, s: int):
-        return self.inner.weight_sample(s) if self.inner is not None else super().weight_sample(s)
+        return self.base.weight_sample(s) if self.base is not None else super().weight_sample(s)
 
-    # --- fitting ------------------------------------------------------------------------------------------------
-    def _require_split(self, datamodule) -> str:
-        split = self.mcfg.split
-        if not datamodule.has(split):
-            raise UqloraError(f"method.split={split} has no examples (data.{split}_size / data.max_{split}_samples); "
-                              f"valid choices: {', '.join(FIT_SPLITS)}")
-        return split
-
-    def prepare_fit(self, datamodule) -> None:
-        self._require_split(datamodule)  # fail before training, not after
-        super().prepare_fit(datamodule)
-
-    def _load_base_state(self) -> None:
-        path = self.base_dir / "checkpoints" / "method_state.pt"
-        state = torch.load(path, weights_only=True, map_location="cpu") if path.is_file() else {}
-        self.inner.load_method_state_dict(state)
-
-    @torch.no_grad()
+    # --- fitting --------------------------------------------------------------------------------------------
     def calibration_log_probs(self, datamodule, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Uncalibrated log-probabilities [N, C] (float64, CPU) and labels [N] of a split, in eval mode."""
-        from tqdm.auto import tqdm
-
-        device = self.fit_device()
-        self.to(device).eval()
-        grad = torch.enable_grad if self.needs_grad_in_predict else torch.no_grad
         log_ps, labels = [], []
-        self.on_predict_start()
+        self.start_predict()
         try:
-            for i, batch in enumerate(tqdm(datamodule.loader(split), desc=f"temperature: predictive on {split}",
-                                           disable=not self.show_progress, leave=False)):
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with grad(), self.autocast(device):
-                    _, log_p = self._uncalibrated(batch, i)
+            for i, batch in enumerate(self.batches(datamodule.loader(split), f"temperature: predictive on {split}")):
+                with torch.no_grad():
+                    _, log_p = self.base_outputs(batch, i)
                 log_ps.append(log_p.detach().double().cpu())
                 labels.append(batch["labels"].cpu())
         finally:
-            self.on_predict_end()
+            self.end_predict()
         return torch.cat(log_ps), torch.cat(labels)
 
-    def posthoc_fit(self, datamodule) -> None:
-        split = self._require_split(datamodule)
-        if self.inner is not None:
-            self._load_base_state()  # e.g. the SWAG moments / Laplace posterior, before any prediction
+    def fit(self, datamodule) -> None:
+        split = self.fit_split
         log_p, labels = self.calibration_log_probs(datamodule, split)
         T, info = fit_temperature(log_p, labels, max_iter=int(self.mcfg.max_iter))
         self.temperature = T
-        self.tuning = {**info, "split": split, "base_method": self.base_method}
+        base = self.base.name if self.base is not None else "map"
+        self.tuning = {**info, "split": split, "base_method": base}
         log.info("temperature scaling of %s on %s (N=%d): T=%.4f, NLL %.4f -> %.4f (%d L-BFGS iterations)",
-                 self.base_method, split, info["n_fit"], T, info["nll_before"], info["nll_after"], info["iterations"])
-        self.fitted = True
+                 base, split, info["n_fit"], T, info["nll_before"], info["nll_after"], info["iterations"])
 
-    # --- persistence ----------------------------------------------------------------------------------------------
-    def method_state_dict(self):
-        if not self.fitted:
-            return {}
-        state = {"temperature": torch.tensor([self.temperature], dtype=torch.float64),
-                 "tuning": {k: v for k, v in self.tuning.items() if isinstance(v, (int, float, str))}}
-        if self.inner is not None:
-            state.update({INNER + k: v for k, v in self.inner.method_state_dict().items()})
-        return state
+    # --- persistence ----------------------------------------------------------------------------------------
+    def fitted_state(self) -> dict:
+        return {"temperature": torch.tensor([self.temperature], dtype=torch.float64),
+                "tuning": {k: v for k, v in self.tuning.items() if isinstance(v, (int, float, str))}}
 
-    def load_method_state_dict(self, state):
-        if not state or "temperature" not in state:
+    def load_fitted_state(self, state: dict) -> None:
+        if "temperature" not in state:
             raise UqloraError("this run directory has no fitted temperature (checkpoints/method_state.pt)")
         T = float(torch.as_tensor(state["temperature"]).reshape(-1)[0])
         if not T > 0 or T == float("inf"):
             raise UqloraError(f"the saved temperature must be a finite value > 0, got {T}")
-        if self.inner is not None:
-            self.inner.load_method_state_dict({k[len(INNER):]: v for k, v in state.items() if k.startswith(INNER)})
         self.temperature = T
         self.tuning = dict(state.get("tuning", {}))
-        self.fitted = True

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from uqlora.metrics._validation import check_labels, check_n_bins, check_probs
+from uqlora.metrics._validation import MetricInputError, check_labels, check_n_bins, check_probs
 
 
 def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +118,25 @@ def reliability_bins(probs: Any, labels: Any, n_bins: int = 15) -> dict[str, np.
     """
     conf, correct = top_label(probs, labels)
     return _binned(conf, correct, n_bins)
+
+
+def confidence_bins(confidence: Any, correct: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """:func:`reliability_bins` from the top-label confidences ``[N]`` and correctness ``[N]`` directly (e.g.
+    next-token predictions over a vocabulary, whose ``[N, V]`` probabilities are not kept)."""
+    conf = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    ok = np.asarray(correct).reshape(-1)
+    if conf.shape != ok.shape or conf.size == 0:
+        raise MetricInputError(f"confidence {conf.shape} and correct {ok.shape} must be non-empty and of one length")
+    if not np.isfinite(conf).all() or conf.min() < 0 or conf.max() > 1 + 1e-6:
+        raise MetricInputError("confidences must be finite values in [0, 1]")
+    return _binned(conf, ok.astype(bool), n_bins)
+
+
+def ece_of_bins(bins: dict[str, np.ndarray]) -> float:
+    """ECE from :func:`reliability_bins` / :func:`confidence_bins` output: sum_b n_b / N |acc_b - conf_b|."""
+    nonempty = bins["count"] > 0
+    weight = bins["count"][nonempty] / bins["count"].sum()
+    return float(np.sum(weight * np.abs(bins["accuracy"][nonempty] - bins["confidence"][nonempty])))
 
 
 def _gaps(probs: Any, labels: Any, n_bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,12 @@ def reliability_diagram(probs: Any, labels: Any, path: str | os.PathLike, n_bins
     confidence and the accuracy as vertical lines. Bins as in
     :func:`uqlora.metrics.calibration.reliability_bins`.
     """
-    bins = reliability_bins(probs, labels, n_bins)
+    return plot_reliability(reliability_bins(probs, labels, n_bins), path, title)
+
+
+def plot_reliability(bins: Mapping[str, np.ndarray], path: str | os.PathLike, title: str | None = None) -> Path:
+    """The figure of :func:`reliability_diagram` from precomputed bins (:func:`uqlora.metrics.calibration.
+    reliability_bins` or ``confidence_bins``, e.g. of next-token confidences); returns ``path``."""
     edges, count = bins["edges"], bins["count"]
     acc_b, conf_b = bins["accuracy"], bins["confidence"]
     nonempty = count > 0

@@ -7,6 +7,9 @@
   precision ``LCS / len(candidate)``, recall ``LCS / len(reference)``, F1 their harmonic mean
   (``rouge_score``'s ``fmeasure``, what the probabilistic-evaluation paper's demo scores); 0 when either
   side has no token.
+* :func:`extract_final_number` -- the final number of a worked math answer (GSM8K: after the last ``####``,
+  else after the last "answer is", else the last number), :func:`number_match` -- exact match of that number
+  with a reference number (:func:`canonical_number`: no thousands separators, no trailing zeros).
 """
 from __future__ import annotations
 
@@ -63,3 +66,50 @@ def score_text(candidate: str, reference: str, score: str) -> float:
     if score == "rouge_l_recall":
         return rouge_l(candidate, reference)["recall"]
     raise ValueError(f"unknown eval.prob.generate.score '{score}'; valid choices: {', '.join(SCORES)}")
+
+
+# --- the final number of a math answer (GSM8K) ------------------------------------------------------------------
+_NUM = r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)"
+_NUMBER = re.compile(_NUM)
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*[:=]?\s*\$?\s*(" + _NUM + ")", re.IGNORECASE)
+
+
+def canonical_number(s: str | None) -> str | None:
+    """A number string without thousands separators, sign ``+``, trailing zeros or a trailing point
+    (``"1,234.50"`` -> ``"1234.5"``, ``"72.0"`` -> ``"72"``); None when ``s`` is not a number."""
+    from decimal import Decimal, InvalidOperation
+
+    if s is None:
+        return None
+    try:
+        x = Decimal(str(s).replace(",", "").replace("$", "").strip().lstrip("+"))
+    except InvalidOperation:
+        return None
+    if not x.is_finite():
+        return None
+    if x == x.to_integral_value():
+        return str(int(x))
+    return format(x.normalize(), "f")
+
+
+def extract_final_number(text: str) -> str | None:
+    """The final answer of a worked math solution, as :func:`canonical_number`: the first number after the last
+    ``####`` (GSM8K's answer line), else the number after the last "answer is" / "answer:", else the last
+    number in the text; None when the text has no number."""
+    if not text:
+        return None
+    if "####" in text:
+        hit = _NUMBER.search(text.rsplit("####", 1)[1])
+        if hit:
+            return canonical_number(hit.group())
+    said = list(_ANSWER_IS.finditer(text))
+    if said:
+        return canonical_number(said[-1].group(1))
+    numbers = _NUMBER.findall(text)
+    return canonical_number(numbers[-1]) if numbers else None
+
+
+def number_match(candidate: str, reference: str) -> float:
+    """1.0 when the final number of ``candidate`` (:func:`extract_final_number`) equals the reference number."""
+    got, want = extract_final_number(candidate), canonical_number(reference)
+    return float(got is not None and got == want)

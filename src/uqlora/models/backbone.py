@@ -3,7 +3,8 @@
 Every backbone exposes ``logits(batch) -> [B, C]`` and ``features(batch) -> [B, d]``:
 
 * ``classifier``  -- a linear head on the [CLS] token (``pooling=cls``), the mean of the tokens
-  (``mean``) or the last non-pad token (``last``, decoders, as AdUE does);
+  (``mean``), the last non-pad token (``last``, decoders, as AdUE does) or the encoder's pooler output
+  (``pooler``, BERT-style encoders: what ``BertForSequenceClassification``'s classifier reads);
 * ``mc_classifier`` -- encoders on multiple choice (as BERT's multiple-choice head): each (question,
   choice) pair is encoded and pooled, one linear unit scores it, the C scores are the logits;
 * ``lm_choices``  -- a causal LM's next-token logits at the answer position restricted to the answer
@@ -28,7 +29,7 @@ from uqlora.errors import ModelError, UqloraError
 
 log = logging.getLogger(__name__)
 MASKED_LOGIT = -1e9
-HEADS = ("classifier", "mc_classifier", "lm_choices", "lm_cloze")
+HEADS = ("classifier", "mc_classifier", "lm_choices", "lm_cloze", "lm_sft")  # lm_sft: built by uqlora.models.sft
 
 
 def _last_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -101,14 +102,19 @@ class ClassifierBackbone(Backbone):
 
     def __init__(self, transformer, num_classes, pooling="cls", head_dropout=0.1):
         super().__init__(transformer, num_classes)
-        if pooling not in ("cls", "mean", "last"):
-            raise ModelError(f"unknown model.pooling '{pooling}'; valid choices: cls, mean, last")
+        if pooling not in ("cls", "mean", "last", "pooler"):
+            raise ModelError(f"unknown model.pooling '{pooling}'; valid choices: cls, mean, last, pooler")
+        if pooling == "pooler" and getattr(transformer.get_base_model(), "pooler", None) is None:
+            raise ModelError("model.pooling=pooler needs an encoder with a pooler layer (BERT-style); valid "
+                             "choices: cls, mean, last")
         self.pooling = pooling
         self.dropout = nn.Dropout(head_dropout)
         self.head_input = nn.Identity()  # marks the head's input for curvature/Jacobian hooks
         self.head = nn.Linear(self.hidden_size, num_classes)
 
     def features(self, batch):
+        if self.pooling == "pooler":
+            return self.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
         h, m = self.hidden(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"]
         if self.pooling == "cls":
             return h[:, 0]
@@ -252,6 +258,13 @@ def _lora(transformer: nn.Module, lcfg) -> nn.Module:
 
 def resolve_head(mcfg, task: str) -> str:
     head = mcfg.get("head", "auto")
+    if task == "generation":  # token-level SFT: the only head for generation data (uqlora.models.sft)
+        if head not in ("auto", "lm_sft") or mcfg.kind != "causal":
+            raise ModelError(f"generation data needs a causal LM with model.head=lm_sft (or auto); got model "
+                             f"'{mcfg.name}' ({mcfg.kind}) with head={head}")
+        return "lm_sft"
+    if head == "lm_sft":
+        raise ModelError(f"model.head=lm_sft trains on generation data (gsm8k, instruct, ...); this data is {task}")
     if head == "auto":
         if mcfg.kind == "encoder":
             head = "classifier" if task == "classification" else "mc_classifier"

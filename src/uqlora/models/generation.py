@@ -5,7 +5,8 @@
 rows, so the fine-tuned answer scores are what is sampled), the temperature (optionally adaptive per
 token, see :func:`uqlora.metrics.probabilistic.adaptive_temperature`), nucleus (top-p) filtering, then a
 draw from a seeded ``torch.Generator``; ``temperature=0`` is greedy decoding. Generation stops at EOS or
-a newline (the answer is the first line). Prompts are left-padded, with position ids from the attention
+a newline (the answer is the first line; ``stop_at_newline=False``: at EOS only, for the multi-line answers of
+token-level SFT). Prompts are left-padded, with position ids from the attention
 mask, so a batch decodes like each prompt alone.
 """
 from __future__ import annotations
@@ -57,15 +58,18 @@ def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float,
 def sample_continuations(backbone, tokenizer, prompts: list[str], max_new_tokens: int = 16,
                          temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
                          max_length: int = 256, adaptive_threshold: float | None = None, adaptive_low: float = 0.0,
-                         device: torch.device | None = None, autocast=None) -> list[str]:
-    """One continuation (its first line, stripped) per prompt."""
+                         device: torch.device | None = None, autocast=None, stop_at_newline: bool = True,
+                         add_special_tokens: bool = True) -> list[str]:
+    """One continuation (its first line, or with ``stop_at_newline=False`` all of it; stripped) per prompt.
+    ``add_special_tokens``: whether the tokenizer adds its special tokens (e.g. BOS) to the prompts."""
     device = device or next(backbone.parameters()).device
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     sides = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
     try:  # the tokenizer is shared with the collator, whose heads expect its own (right) padding
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=int(max_length))
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=int(max_length),
+                        add_special_tokens=add_special_tokens)
     finally:
         tokenizer.padding_side, tokenizer.truncation_side = sides
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
@@ -88,7 +92,8 @@ def sample_continuations(backbone, tokenizer, prompts: list[str], max_new_tokens
         out = torch.cat([out, tok[:, None]], dim=1)
         if eos is not None:
             done |= tok == eos
-        done |= torch.tensor(["\n" in tokenizer.decode([int(t)]) for t in tok], device=device)
+        if stop_at_newline:
+            done |= torch.tensor(["\n" in tokenizer.decode([int(t)]) for t in tok], device=device)
         if bool(done.all()):
             break
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
@@ -101,5 +106,6 @@ def sample_continuations(backbone, tokenizer, prompts: list[str], max_new_tokens
     for row in out.tolist():
         if eos is not None and eos in row:
             row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).split("\n")[0].strip())
+        text = tokenizer.decode(row, skip_special_tokens=True)
+        texts.append((text.split("\n")[0] if stop_at_newline else text).strip())
     return texts

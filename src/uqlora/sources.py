@@ -1,0 +1,176 @@
+"""Finished runs as inputs of a new run: the adapter a post-hoc method starts from (``method.map_run``, or a
+PEFT-format adapter trained elsewhere: ``method.adapter``; ``train.init_adapter`` for one to train further),
+the method it wraps (temperature scaling of any run), and the predictive of a teacher run (UAL).
+
+Methods never open run directories themselves: the orchestrator attaches the source here, and hands methods
+that need other runs' predictions a :class:`RunAccess`.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from uqlora.build import Task, build_member, build_trainer, init_seed
+from uqlora.data.datamodule import task_info
+from uqlora.errors import UqloraError
+from uqlora.methods import get_method
+from uqlora.models.backbone import resolve_head
+from uqlora.predict import pool, predict
+from uqlora.rundir import RunDir
+
+log = logging.getLogger(__name__)
+MAP_LIKE = ("map", "temperature")  # source runs whose predictive is the softmax of the adapter's logits
+SAME_SPLITS = ("name", "max_train_samples", "val_size", "calib_size")
+
+
+def check_source(cfg: DictConfig, src: RunDir, what: str = "method.map_run") -> DictConfig:
+    """The source run's config, checked to have the same model (incl. LoRA and head) and the same data splits."""
+    scfg = src.config()
+    if OmegaConf.to_container(scfg.model, resolve=True) != OmegaConf.to_container(cfg.model, resolve=True):
+        diff = sorted(k for k in set(scfg.model) | set(cfg.model) if scfg.model.get(k) != cfg.model.get(k))
+        raise UqloraError(f"{what} '{src.path}' used another model config (differs in {', '.join(diff)})")
+    for key in SAME_SPLITS:
+        if scfg.data.get(key) != cfg.data.get(key):
+            raise UqloraError(f"{what} '{src.path}' used data.{key}={scfg.data.get(key)}, this run "
+                              f"{cfg.data.get(key)}: the train/val splits would differ")
+    if int(scfg.seed) != int(cfg.seed):
+        raise UqloraError(f"{what} '{src.path}' used seed={scfg.seed} (data splits), this run seed={cfg.seed}")
+    return scfg
+
+
+def attach_source(cfg: DictConfig, method, member: int = 0) -> str:
+    """Load member ``member`` of ``method.map_run`` into ``method`` instead of training it: its adapter, and
+    for a method that wraps any predictive (temperature scaling) the source's own method with its state."""
+    src = RunDir(str(cfg.method.map_run))
+    scfg = check_source(cfg, src)
+    dirs = src.members()
+    wraps_any = bool(getattr(method, "wraps_any", False))
+    if wraps_any and len(dirs) > 1:
+        raise UqloraError(f"method.map_run '{src.path}' has {len(dirs)} members ({scfg.method.name}); "
+                          f"{cfg.method.name} of a multi-member run is not supported: pass a single-model run directory")
+    if member >= len(dirs):
+        raise UqloraError(f"method.map_run '{src.path}' has {len(dirs)} member(s); member {member} was requested")
+    if wraps_any and scfg.method.name == cfg.method.name and scfg.method.get("map_run"):
+        raise UqloraError(f"method.map_run '{src.path}' is itself {cfg.method.name} of '{scfg.method.map_run}'; "
+                          "pass that run directory instead")
+    method.backbone.load_trainable_state_dict(dirs[member].adapter())
+    if wraps_any and scfg.method.name not in MAP_LIKE:
+        base = build_base(cfg, scfg.method, method.backbone)
+        base.load_method_state_dict(dirs[member].method_state())
+        method.attach_base(base)
+    log.info("using the adapter of %s (no training)", dirs[member].path)
+    return str(dirs[member].path)
+
+
+ADAPTER_KEYS = ("method.adapter", "train.init_adapter")
+
+
+def adapter_source(cfg: DictConfig) -> tuple[str, str] | None:
+    """``(config key, folder or hub id)`` of the PEFT adapter the run starts from, or None."""
+    for key in ADAPTER_KEYS:
+        group, _, name = key.partition(".")
+        value = (cfg.get(group) or {}).get(name)
+        if value:
+            return key, str(value)
+    return None
+
+
+def check_adapter_source(cfg: DictConfig) -> None:
+    """Read the run's PEFT adapter and check it against ``model=...`` before any data or model loads."""
+    from uqlora.models.peft_io import check_adapter, read_adapter
+
+    found = adapter_source(cfg)
+    if found is not None:
+        check_adapter(read_adapter(found[1], found[0]), cfg.model, found[0])
+
+
+def attach_adapter(cfg: DictConfig, method, key: str) -> dict:
+    """Load the PEFT adapter of config key ``key`` (:data:`ADAPTER_KEYS`) into ``method``'s backbone; returns
+    what ``results.json`` records: the source as given, the folder read (a hub id: its cached snapshot) and
+    the SHA-256 of its weights file."""
+    from uqlora.models.peft_io import load_adapter
+
+    group, _, name = key.partition(".")
+    adapter = load_adapter(method.backbone, str(cfg[group][name]), cfg.model, key)
+    return {name: adapter.source, f"{name}_folder": str(adapter.path), f"{name}_sha256": adapter.sha256}
+
+
+def export_member(cfg: DictConfig, method, member_dir: RunDir, folder: str | Path | None = None,
+                  strict: bool = False) -> Path | None:
+    """Write ``method``'s adapter in PEFT format into ``member_dir``'s ``adapter/`` (or ``folder``); an adapter
+    with no PEFT form is skipped with a warning (``strict``: raised)."""
+    from uqlora.models.peft_export import export_adapter
+
+    try:
+        files = export_adapter(method.backbone, cfg.model).files()
+    except UqloraError as e:
+        if strict:
+            raise
+        log.warning("no PEFT-format adapter/ written for %s: %s", member_dir.path, e)
+        return None
+    return member_dir.save_peft_adapter(files, folder)
+
+
+def build_base(cfg: DictConfig, method_cfg, backbone):
+    """The method of a wrapped source run (config ``method_cfg``) on ``backbone``, with this run's other settings
+    (the model and data splits are the same: :func:`check_source`)."""
+    merged = cfg.copy()
+    with open_dict(merged):
+        merged.method = OmegaConf.create(OmegaConf.to_container(method_cfg, resolve=True, enum_to_str=True)
+                                         if isinstance(method_cfg, DictConfig) else dict(method_cfg))
+    return get_method(str(merged.method.name))(backbone, merged)
+
+
+def restore_member(cfg: DictConfig, method, mdir: RunDir) -> None:
+    """Put a saved member (adapter + method state) into ``method``; a wrapped base method saved inside the state
+    (``base_method_config``) is rebuilt first, so the run directory alone restores it."""
+    state = mdir.method_state()
+    base_cfg = state.get("base_method_config") if isinstance(state, dict) else None
+    if base_cfg and getattr(method, "wraps_any", False):
+        method.attach_base(build_base(cfg, base_cfg, method.backbone))
+    method.backbone.load_trainable_state_dict(mdir.adapter())
+    method.load_method_state_dict(state)
+
+
+class RunAccess:
+    """What a method may ask of other finished runs (e.g. UAL's teacher): their pooled predictive on given
+    records of this run's dataset, and a fingerprint of their saved state (for caches)."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+
+    def fingerprint(self, run_dir: str | Path) -> list[dict]:
+        def digest(path: Path) -> str:
+            return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "-"
+
+        return [{"adapter": digest(d.checkpoints / "adapter.pt"), "method_state": digest(d.checkpoints / "method_state.pt")}
+                for d in RunDir(Path(run_dir).resolve()).members()]
+
+    def predictions(self, run_dir: str | Path, records: list[dict]) -> dict[str, np.ndarray]:
+        """The predictive of a finished run (all of its members pooled) on ``records`` -- e.g. a teacher's on this
+        run's training examples. The run may use another model (its own tokenizer and head); it must have the
+        same task and number of classes."""
+        cfg, src = self.cfg, RunDir(run_dir)
+        scfg = src.config()
+        info, sinfo = task_info(cfg.data), task_info(scfg.data)
+        if (sinfo.task, sinfo.num_classes) != (info.task, info.num_classes):
+            raise UqloraError(f"run '{src.path}' was trained for {sinfo.task} with {sinfo.num_classes} classes "
+                              f"({scfg.data.name}); this data ({cfg.data.name}) is {info.task} with {info.num_classes}")
+        scfg.data = cfg.data
+        for key in ("progress_bar", "trainer"):
+            if cfg.get(key) is not None:
+                scfg[key] = cfg[key]
+        task = Task(info, resolve_head(scfg.model, info.task), {"given": list(records)})
+        method, dm = build_member(scfg, task, init_seed(scfg))
+        preds = []
+        with tempfile.TemporaryDirectory() as work:
+            trainer = build_trainer(scfg, Path(work), False, [])
+            for mdir in src.members():
+                restore_member(scfg, method, mdir)
+                preds.append(predict(trainer, method, dm, "given"))
+        return pool(preds)
