@@ -204,6 +204,72 @@ def test_ual_column_source_and_bad_inputs(tmp_path):
         train(_cfg(tmp_path, "ls", *TINY, "method=ual", "loss.label_smoothing=0.1"))
     with pytest.raises(UqloraError, match="valid choices: column, teacher"):  # refused when composed
         check_overrides(["method=ual", "method.uncertainty_source=nosuch"])
+    with pytest.raises(UqloraError, match="valid choices: others, uniform"):
+        check_overrides(["method=ual", "method.smoothing_target=nosuch"])
+
+
+def test_sr_ece_scores_the_probability_of_error_not_the_rescaled_score(tmp_path):
+    """A perfectly calibrated binary model (max p = 0.75 everywhere, exactly 25% wrong; then max p in {0.6, 0.9}
+    with 40% / 10% wrong): SR's probability of error 1 - max p is calibrated, so its ECE is 0 -- while the
+    rescaled ranking score (1 - max p) / (1 - 1/C) = 0.5 would give 0.25. Ranking metrics keep the rescaled
+    score. Checked through the pipeline's error-detection step, which supplies SR's probability of error."""
+    from omegaconf import OmegaConf
+
+    from uqlora.metrics import misclassification_auroc
+    from uqlora.methods.adue import AdUEMethod
+    from uqlora.report import error_detection
+
+    cfg = OmegaConf.create({"method": {"name": "adue"}, "model": {"name": "m"}, "data": {"name": "d"}})
+    cases = [(np.full(400, 0.75), np.arange(400) < 100),
+             (np.repeat([0.6, 0.9], 200), np.r_[np.arange(200) < 80, np.arange(200) < 20])]
+    for conf, wrong in cases:
+        probs = np.stack([conf, 1 - conf], 1)
+        labels = np.where(wrong, 1, 0)
+        u_sr = sr_uncertainty(torch.as_tensor(probs)).numpy()
+        m = error_detection(cfg, tmp_path, "test", {"probs": probs, "labels": labels}, {"sr": u_sr}, 15, None,
+                            AdUEMethod.probability_scores)
+        assert m["errdet_sr_ece"] == pytest.approx(0.0, abs=1e-12)
+        assert m["errdet_sr_auroc"] == pytest.approx(misclassification_auroc(-u_sr, ~wrong), nan_ok=True)
+    direct = evaluate_error_detection({"sr": u_sr}, ~wrong, probability_scores=("sr",))
+    assert direct["errdet_sr_ece"] == pytest.approx(0.5 * abs(0.8 - 0.4) + 0.5 * abs(0.2 - 0.1))  # u as if a probability
+    with pytest.raises(ValueError, match="probability of error of 'sr'"):
+        evaluate_error_detection({"sr": u_sr}, ~wrong, probability_scores=("sr",), error_probabilities={"sr": u_sr + 1})
+
+
+@pytest.mark.parametrize("target,true_mass", [("others", 0.70), ("uniform", 0.85)])
+def test_ual_smoothing_target_others_is_the_authors_and_uniform_is_label_smoothing(target, true_mass):
+    """C = 2, eps = 0.3: the loss is the cross-entropy against (0.70, 0.30) with the authors' target (1 - eps on
+    the true class, eps / (C - 1) on each other) and (0.85, 0.15) with uniform smoothing; its gradient w.r.t.
+    the logits is (p - target) / B, so the target is read back from the gradient. eps = 0: plain CE."""
+    from conftest import compose
+    from uqlora.build import setup
+
+    def ual_cross_entropy(z, y, eps, mask, target):
+        return smoothed_cross_entropy(z, y, eps, mask, others_only=target == "others")
+
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(8, 2, generator=g, requires_grad=True)
+    y = torch.randint(0, 2, (8,), generator=g)
+    loss = ual_cross_entropy(logits, y, 0.3, None, target)
+    grad, = torch.autograd.grad(loss, logits)
+    q = logits.detach().softmax(-1) - 8 * grad
+    torch.testing.assert_close(q[torch.arange(8), y], torch.full((8,), true_mass), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q.sum(1), torch.ones(8), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ual_cross_entropy(logits, y, 0.0, None, target), F.cross_entropy(logits, y))
+    torch.testing.assert_close(ual_cross_entropy(logits, y, torch.zeros(8), None, target), F.cross_entropy(logits, y))
+    # three choices, the third masked: it gets nothing; the true class keeps 0.70 (others) or 0.85 (uniform)
+    z3 = torch.cat([logits.detach(), torch.full((8, 1), -1e9)], 1).requires_grad_(True)
+    mask = torch.tensor([[True, True, False]]).expand(8, 3)
+    grad3, = torch.autograd.grad(ual_cross_entropy(z3, y, 0.3, mask, target), z3)
+    q3 = z3.detach().softmax(-1) - 8 * grad3
+    torch.testing.assert_close(q3[:, :2], q, atol=1e-6, rtol=0)
+    assert q3[:, 2].abs().max() < 1e-6
+    # the method uses the configured target (default: others)
+    cfg = compose(["model=tiny_bert", "method=ual", "logger=none", f"method.smoothing_target={target}"])
+    assert str(compose(["method=ual"]).method.smoothing_target) == "others"
+    method, _ = setup(cfg)
+    batch = {"labels": y, "label_smoothing": torch.full((8,), 0.3)}
+    torch.testing.assert_close(method.loss(logits.detach(), batch), ual_cross_entropy(logits.detach(), y, 0.3, None, target))
 
 
 # --- AdUE end to end ------------------------------------------------------------------------------------------------

@@ -203,6 +203,101 @@ def test_kfac_expand_factors_per_position_and_padding_invariant():
         _fit(net, batch, approx="nosuch")
 
 
+def test_kfac_expand_sum_factors_every_padded_position_without_1_over_T():
+    """KFAC-expand as the Laplace-LoRA code computes it (ASDL ``kfac-expand`` with data_size=1): A sums
+    a_t a_t^T over every position of the padded batch -- pads included, no 1/T -- and G is expand's. Without
+    padding, A is exactly T times expand's; the head (one vector per example) is the same under all three."""
+    net = TinyLoRANet(seed=5)
+    batch = _data(7, T=4, seed=6)
+    batch["x"] = batch["x"] + 3.0 * (batch["attention_mask"] == 0).unsqueeze(-1)  # non-zero pad activations
+    layers, _ = _fit(net, batch, bs=7, approx="expand_sum")
+    _, expand = _fit(net, batch, bs=7, approx="expand")
+    x = batch["x"]
+    with torch.no_grad():
+        u = net.lora_A(x)
+    expect_A = {"lora_A": torch.einsum("bti,btj->ij", x, x), "lora_B": torch.einsum("bti,btj->ij", u, u)}
+    for lay, ref in zip(layers, expand.layers):
+        torch.testing.assert_close(lay.G.dense(), ref.G.dense(), rtol=1e-10, atol=1e-12)
+        if lay.name in expect_A:
+            torch.testing.assert_close(lay.A.dense(), expect_A[lay.name], rtol=1e-10, atol=1e-12)
+        else:
+            torch.testing.assert_close(lay.A.dense(), ref.A.dense(), rtol=1e-10, atol=1e-12)
+    full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}   # no pads: exactly T x expand
+    sums, _ = _fit(net, full, bs=7, approx="expand_sum")
+    means, _ = _fit(net, full, bs=7, approx="expand")
+    for a, b in zip(sums, means):
+        torch.testing.assert_close(a.A.dense(), (4.0 if a.name != "head" else 1.0) * b.A.dense(), rtol=1e-10,
+                                   atol=1e-12)
+
+
+class SeqLoRANet(TinyLoRANet):
+    """TinyLoRANet with a choice of activation (tanh, or none: LoRA followed linearly by the pooling) and of
+    pooling over the positions (masked mean, or the last non-pad position)."""
+
+    def __init__(self, seed=0, act=True, pool="mean"):
+        super().__init__(seed)
+        self.act, self.pool = act, pool
+
+    def logits(self, batch):
+        x, m = batch["x"], batch["attention_mask"].unsqueeze(-1).to(F64)
+        h = self.base(x) + self.lora_B(self.lora_A(x))
+        h = torch.tanh(h) if self.act else h
+        if self.pool == "mean":
+            h = (h * m).sum(1) / m.sum(1)
+        else:
+            h = h[torch.arange(h.shape[0]), batch["attention_mask"].sum(1) - 1]
+        return self.head(self.head_input(h))
+
+
+def _trace_ratios(net, batch, approx):
+    """tr(KFAC block) / tr(exact GGN block) per layer, both for the summed NLL of the batch."""
+    layers, res = _fit(net, batch, bs=batch["labels"].shape[0], approx=approx)
+    ggn = _dense_ggn(net, batch)
+    return {lay.name: float(torch.trace(lay.G.dense()) * torch.trace(lay.A.dense()) / res.n_data
+                            / torch.trace(ggn[lay.name])) for lay in layers}
+
+
+def test_three_kfac_definitions_against_the_exact_ggn():
+    """All three against the exact GGN (float64, brute-force Jacobians) of a tiny LoRA net over sequences of
+    T = 16 positions (no padding; 8 sequences). Known answers: one position -> all three are the exact GGN
+    (checked above for one example); a LoRA layer followed *linearly* by mean pooling, one example -> KFAC-reduce
+    is the exact GGN block; expand_sum = T x expand for the LoRA layers. Measured trace ratios KFAC / GGN
+    (lora_A, lora_B; the head's is 1.002 / 1.007 under all three), tanh net, inputs with mean 0.5:
+
+        mean pooling:   reduce 1.27, 1.55    expand 0.80, 0.43    expand_sum 12.8, 6.9
+        last position:  reduce 0.26, 0.54    expand 1.33, 1.34    expand_sum 21.3, 21.5
+
+    No definition is exact for one loss per sequence; which scale is better for the predictive is measured
+    on real models (benchmarks/laplace_kfac_study.py), not here."""
+    T = 16
+    g = torch.Generator().manual_seed(11)
+    batch = {"x": torch.randn(8, T, D_IN, generator=g, dtype=F64) + 0.5, "labels": torch.randint(0, C, (8,), generator=g),
+             "attention_mask": torch.ones(8, T, dtype=torch.long)}
+    one = {k: v[:1] for k, v in batch.items()}
+    lin = SeqLoRANet(seed=12, act=False, pool="mean")
+    layers, _ = _fit(lin, one, bs=1, approx="reduce")
+    ggn = _dense_ggn(lin, one)
+    for lay in layers:
+        torch.testing.assert_close(torch.kron(lay.G.dense(), lay.A.dense()), ggn[lay.name], rtol=1e-9, atol=1e-12)
+    measured = {}
+    for pool in ("mean", "last"):
+        net = SeqLoRANet(seed=12, act=True, pool=pool)
+        for approx in ("reduce", "expand", "expand_sum"):
+            ratios = _trace_ratios(net, batch, approx)
+            measured[pool, approx] = (ratios["lora_A"], ratios["lora_B"], ratios["head"])
+        heads = {measured[pool, a][2] for a in ("reduce", "expand", "expand_sum")}
+        assert max(heads) == pytest.approx(min(heads), rel=1e-9)  # the head: one vector per example, T = 1
+        for k in range(2):
+            assert measured[pool, "expand_sum"][k] == pytest.approx(T * measured[pool, "expand"][k], rel=1e-9)
+    print("trace ratio KFAC / exact GGN (lora_A, lora_B, head):",
+          {f"{p}/{a}": tuple(round(r, 4) for r in v) for (p, a), v in measured.items()})
+    expect = {("mean", "reduce"): (1.2703, 1.5499), ("mean", "expand"): (0.8014, 0.4290),
+              ("mean", "expand_sum"): (12.8226, 6.8639), ("last", "reduce"): (0.2552, 0.5404),
+              ("last", "expand"): (1.3325, 1.3408), ("last", "expand_sum"): (21.3193, 21.4527)}
+    for key, (ra, rb) in expect.items():
+        assert measured[key][:2] == pytest.approx((ra, rb), rel=1e-3), key
+
+
 def test_fit_runs_in_eval_mode_and_is_deterministic():
     net = TinyLoRANet(dropout=0.5).train()
     batch = _data(7)
@@ -330,6 +425,92 @@ def test_state_dict_roundtrip():
     torch.testing.assert_close(again.dense_covariance(), post.dense_covariance(), rtol=0, atol=0)
 
 
+def test_lm_choices_prior_is_on_the_change_from_the_pretrained_rows(tmp_path):
+    """The answer rows of an lm_choices head start from the pretrained LM-head rows: the prior is centred there
+    (stored in the posterior and its state). Adding one large vector v to every pretrained row and every MAP row
+    leaves the predictive unchanged (each logit moves by f.v) and so must leave the evidence unchanged."""
+    import copy
+
+    from conftest import compose
+    from uqlora.data.prompts import Collator
+    from uqlora.models.backbone import build_backbone
+    from uqlora.models.loading import load_pretrained
+
+    mcfg = compose(["model=tiny_llama"]).model
+    model, tok = load_pretrained(mcfg)
+    bb = build_backbone(mcfg, "lm_choices", 2, answer_words=[" no", " yes"], tokenizer=tok, model=model).double().eval()
+    recs = [{"id": str(i), "text": t, "text_pair": None, "label": i % 2}
+            for i, t in enumerate(["a fine film", "dull and long", "great", "awful acting", "not bad at all", "meh"])]
+    batch = Collator(tok, "lm_choices", "classification", 2, 64, {"template": "Review: {text}\nSentiment:"})(recs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the "trained" rows: the pretrained ones plus a change
+        bb.answer_rows.add_(0.05 * torch.randn(bb.answer_rows.shape, generator=g, dtype=F64))
+
+    def evidence():
+        layers = select_layers(bb, "all")
+        res = fit_kfac(bb, [batch], layers, progress=False)
+        post = KronPosterior.from_kfac(res, 3.0)
+        return post, float(post.log_marginal_likelihood())
+
+    post, before = evidence()
+    pretrained = bb.generation_lm_head.weight.detach()[bb.answer_token_ids].double()
+    torch.testing.assert_close(post.prior_mean[-1], pretrained)
+    assert all(m is None for m in post.prior_mean[:-1])  # LoRA layers: zero mean
+    assert float(post.sq_dist()[-1]) == pytest.approx(float(((bb.answer_rows.detach() - pretrained) ** 2).sum()))
+    path = tmp_path / "post.pt"
+    torch.save(post.state_dict(), path)
+    again = KronPosterior.from_state_dict(torch.load(path, weights_only=True))
+    assert float(again.log_marginal_likelihood()) == before
+    v = 40.0 * torch.randn(bb.answer_rows.shape[1], generator=g, dtype=F64)
+    head = copy.deepcopy(bb.generation_lm_head)
+    with torch.no_grad():
+        head.weight[bb.answer_token_ids] += v.to(head.weight)
+        bb.answer_rows.add_(v)
+    object.__setattr__(bb, "generation_lm_head", head)
+    _, after = evidence()
+    assert after == pytest.approx(before, rel=1e-6)  # (a zero-mean prior would move it by ~3 * 40^2 * d)
+
+
+def test_prior_grid_widens_past_an_edge_and_reports_an_unresolved_one(caplog):
+    from uqlora.core.laplace_prior import GRID_LIMITS, grid_search, select_on_grid, tune_marglik
+
+    grid = [10.0 ** (k / 2) for k in range(-8, 9)]                      # 1e-4 .. 1e4, the default
+    best, tried, edge = grid_search(lambda g: (math.log10(g) - 6.0) ** 2, grid)
+    assert best == pytest.approx(1e6) and edge is None                 # widened by half decades to 1e6 and past it
+    assert max(tried) > 1e6 and min(tried) == pytest.approx(1e-4)
+    best, tried, edge = grid_search(lambda g: -math.log(g), grid)      # always better higher: stops at the limit
+    assert edge == "high" and best == max(tried) and GRID_LIMITS[1] / 10 ** 0.5 <= best <= GRID_LIMITS[1]
+    assert select_on_grid([1.0, 2.0, 3.0], [0.5, 0.2, 0.9]) == (2.0, None)
+    assert select_on_grid([1.0, 2.0, 3.0], [0.1, 0.2, 0.9]) == (1.0, "low")
+    with pytest.raises(UqloraError, match="finite and > 0"):
+        grid_search(lambda g: g, [0.0, 1.0])
+    # the streamed probit grid search (diagonal variances of every candidate, nothing cached) = the cached NLL
+    from uqlora.core.laplace_prior import predictive_nll, tune_val_nll
+
+    net = TinyLoRANet(seed=2)
+    layers, _, post = _posterior(net, _data(9, seed=3), lowrank=True)
+    cache = []
+    for seed in (8, 9):
+        val = _data(5, seed=seed)
+        with torch.enable_grad(), capture(layers):
+            logits = net.logits(val)
+        cache.append((logits.detach(), post.project(per_example_jacobians(layers, logits, val)), val["labels"], None))
+    info = tune_val_nll(post, iter(cache), [0.01, 0.1, 1.0, 10.0], "grid")
+    assert len(info["val_nll_grid"]) >= 4 and float(post.prior_precision[0]) in map(float, info["val_nll_grid"])
+    for g, v in info["val_nll_grid"].items():
+        assert v == pytest.approx(float(predictive_nll(post, cache, torch.full((3,), float(g), dtype=F64))), rel=1e-9)
+    assert info["val_nll"] == pytest.approx(min(info["val_nll_grid"].values()), rel=1e-12)
+    post = _posterior(TinyLoRANet(seed=6), _data(12, seed=7))[2]
+    info = tune_marglik(post, steps=600, lr=0.1)
+    assert info == {"marglik_converged": True, "prior_at_edge": None}
+    info = tune_marglik(post, steps=2, lr=1e-4)
+    assert info["marglik_converged"] is True                           # at the optimum already: nothing changes
+    post.prior_precision = 1e-3
+    with caplog.at_level("WARNING"):
+        assert tune_marglik(post, steps=3, lr=0.01)["marglik_converged"] is False
+    assert "still changing" in caplog.text
+
+
 # --- links ------------------------------------------------------------------------------------------------------
 def _f(B=64, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -420,7 +601,8 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
     b = torch.load(objs2["run_dir"] / "checkpoints" / "adapter.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.load(objs2["run_dir"] / "predictions" / "test.npz")["samples"].shape == (5, 24, 2)
-    assert len(res2["train"]["posthoc"]["val_nll_grid"]) == 17
+    tried = res2["train"]["posthoc"]["val_nll_grid"]  # the 17 default values, + any widening beyond an end
+    assert len(tried) >= 17 and "prior_at_edge" in res2["train"]["posthoc"]
     with pytest.raises(UqloraError, match="another model config"):
         train(_cfg(tmp_path, "bad", *TINY, f"method.map_run={run}", "model.lora.r=4"))
 
@@ -454,13 +636,13 @@ def test_real_model_laplace_run_and_eval_reuses_posterior(tmp_path, model, data,
         assert again["test"][k] == pytest.approx(m["test"][k], abs=1e-5)
 
 
-def _load_benchmark():
-    """benchmarks/laplace_cost.py as a module (it is a script, not part of the package)."""
+def _load_benchmark(name="laplace_cost"):
+    """benchmarks/<name>.py as a module (it is a script, not part of the package)."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "laplace_cost.py"
-    spec = importlib.util.spec_from_file_location("laplace_cost_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -515,3 +697,51 @@ def test_benchmark_paired_test_set_differences():
     assert out["ece_se"] > 0
     same = bench.paired(ours, ours, y, n_boot=20)
     assert same == {"nll": 0.0, "nll_se": 0.0, "ece": 0.0, "ece_se": 0.0}
+
+
+@pytest.mark.parametrize("lowrank", [False, True])
+def test_kfac_study_scores_every_prior_from_one_pass_of_jacobians(lowrank):
+    """benchmarks/laplace_kfac_study.py's fast path: the probit inputs for K prior precisions at once (diagonal
+    of J Sigma J^T only) equal the posterior's own functional variance and GLM probit predictive."""
+    from types import SimpleNamespace
+
+    study = _load_benchmark("laplace_kfac_study")
+    net = TinyLoRANet(seed=2)
+    layers, res, post = _posterior(net, _data(9, seed=3), lowrank=lowrank)
+    test = _data(5, seed=8)
+    deltas = torch.tensor([[0.3, 0.3, 0.3], [2.0, 0.5, 7.0]], dtype=F64)
+    f_mu, var, y, mask = study.logit_variances(SimpleNamespace(layers=layers, backbone=net), {"p": post}, [test],
+                                               {"p": deltas})["p"]
+    probs = study.probit_probs(f_mu, var, mask)
+    for k, d in enumerate(deltas):
+        with torch.enable_grad(), capture(layers):
+            logits = net.logits(test)
+        fvar = post.functional_variance(post.project(per_example_jacobians(layers, logits, test)), d)
+        torch.testing.assert_close(var[..., k], torch.diagonal(fvar, dim1=-2, dim2=-1), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(probs[k], glm_predictive(logits.detach(), fvar, "probit")[0], rtol=1e-9, atol=1e-12)
+    assert torch.equal(y, test["labels"]) and mask is None
+
+
+def test_kfac_study_fits_every_definition_from_one_pass():
+    """benchmarks/laplace_kfac_study.py's fit_all: the factors of several (approx, Fisher) pairs from one forward
+    pass per batch equal fit_kfac's for each."""
+    from types import SimpleNamespace
+
+    study = _load_benchmark("laplace_kfac_study")
+    net = SeqLoRANet(seed=4, pool="mean")
+    batch = _data(7, T=4, seed=6)
+    keys = [("reduce", "exact"), ("expand", "exact"), ("expand_sum", "exact"), ("expand", "empirical")]
+    got = study.fit_all(SimpleNamespace(layers=select_layers(net, "all"), backbone=net), _loader(batch, 3), keys, 100)
+    ggn, n = study.ggn_traces(SimpleNamespace(layers=select_layers(net, "all"), backbone=net), _loader(batch, 3), 2)
+    dense = _dense_ggn(net, {k: v[:6] for k, v in batch.items()})     # the first 2 batches of 3
+    assert n == 6
+    torch.testing.assert_close(ggn, torch.stack([torch.trace(dense[k]) / 6 for k in ("lora_A", "lora_B", "head")]),
+                               rtol=1e-9, atol=1e-12)
+    for approx, fisher in keys:
+        _, ref = _fit(net, batch, approx=approx, fisher=fisher)
+        res = got[approx, fisher]
+        assert res.n_data == ref.n_data and res.log_lik == pytest.approx(ref.log_lik, rel=1e-12)
+        for a, b in zip(res.layers, ref.layers):
+            torch.testing.assert_close(a.A.dense(), b.A.dense(), rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a.G.dense(), b.G.dense(), rtol=1e-10, atol=1e-12)
+

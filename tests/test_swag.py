@@ -63,6 +63,36 @@ def test_sample_covariance_matches_swag_covariance(diag_only, scale):
     assert torch.all((emp_mean - s.mean).abs() < 5 * torch.sqrt(target.diagonal() / N))
 
 
+@pytest.mark.parametrize("preset", ["swag_lora", "multiswag_lora"])
+def test_swag_lora_preset_draws_have_the_reference_covariance(preset):
+    """The SWAG-LoRA reference (fortuinlab/swag-lora: SWAG.collect_model / sample_fullrank, evaluated by
+    scripts/evaluate_swag.bash at SWAG_SAMPLE_SCALE=1.0 with swag_cov_mat=True) draws
+    w = mean + sqrt(scale) * (sqrt(var) * z1 + D^T z2 / sqrt(K_max - 1)), without the 1/2 of the SWAG
+    covariance. Rebuilt here in float64 from its own moment updates; the preset's draws must have its covariance."""
+    scale = float(compose([f"method={preset}"]).method.scale)
+    K = 5
+    thetas = _snapshots(n=8, P=5, seed=3)
+    mean, sq_mean, dev = torch.zeros(5, dtype=torch.float64), torch.zeros(5, dtype=torch.float64), []
+    for n, th in enumerate(thetas):   # the reference's collect_model: running moments, deviations from the new mean
+        mean = mean * n / (n + 1.0) + th / (n + 1.0)
+        sq_mean = sq_mean * n / (n + 1.0) + th ** 2 / (n + 1.0)
+        dev = (dev + [th - mean])[-K:]
+    D = torch.stack(dev)
+    var = (sq_mean - mean ** 2).clamp(min=1e-30)
+    g = torch.Generator().manual_seed(5)
+    N = 40_000
+    z1 = torch.randn(N, 5, generator=g, dtype=torch.float64)
+    z2 = torch.randn(N, K, generator=g, dtype=torch.float64)
+    ref_draws = mean + 1.0 ** 0.5 * (var.sqrt() * z1 + z2 @ D / (K - 1) ** 0.5)
+    ref_cov = torch.diag(var) + D.T @ D / (K - 1)
+    sd = torch.sqrt((torch.outer(ref_cov.diagonal(), ref_cov.diagonal()) + ref_cov ** 2) / N)
+    assert torch.all((torch.cov(ref_draws.T) - ref_cov).abs() < 5 * sd)       # the formula has that covariance
+    s = _collect(thetas, K=K)
+    torch.testing.assert_close(s.covariance(scale), ref_cov, rtol=1e-12, atol=1e-14)
+    ours = torch.stack([s.sample(scale, generator=g) for _ in range(N)])
+    assert torch.all((torch.cov(ours.T) - ref_cov).abs() < 5 * sd), (torch.cov(ours.T) - ref_cov) / sd
+
+
 def test_fewer_than_two_deviations_falls_back_to_diagonal_with_warning():
     s = _collect(_snapshots(n=1), K=5)
     with pytest.warns(UserWarning, match="diagonal only"):

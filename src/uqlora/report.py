@@ -88,7 +88,8 @@ def error_detection(cfg, run_dir: Path, split: str, p: dict, uncertainty: dict, 
     from uqlora.metrics import evaluate_error_detection
 
     correct = p["probs"].argmax(1) == p["labels"]
-    m = evaluate_error_detection(uncertainty, correct, n_bins=n_bins, probability_scores=probability_scores)
+    m = evaluate_error_detection(uncertainty, correct, n_bins=n_bins, probability_scores=probability_scores,
+                                 error_probabilities={"sr": 1.0 - p["probs"].max(1)})  # SR's u is rescaled
     risk_coverage(cfg, run_dir, split, p, uncertainty, logger)
     return m
 

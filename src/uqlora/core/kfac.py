@@ -9,18 +9,30 @@ with ``vec`` the row-major flattening of W (``vec(g a^T) = g (x) a``) and ``g_n`
 ``-log p(y | x_n)`` w.r.t. the layer's output. LoRA A ([r, d_in]) and LoRA B ([d_out, r]) are separate
 layers, and the classifier head (or the answer rows of a causal LM's head) is one more layer.
 
-Sequences (weight sharing over positions, one loss per sequence; Eschenhagen et al. 2023): KFAC-*expand*
-(``approx="expand"``, the default; what the Laplace-LoRA code (laplace-torch with ASDL's ``kfac-expand``)
-and curvlinops use) sums ``g_t g_t^T`` over positions and averages ``a_t a_t^T`` over each example's
-positions. KFAC-*reduce* (``approx="reduce"``): ``a_n`` = the mean of the layer's inputs over the example's
-non-pad positions, ``g_n`` = the sum of the output gradients over its positions. Padding never enters (pad
-positions are masked out and get zero gradient), so the factors do not depend on how examples are batched.
-A layer's input per example is ``[T, d]`` over the positions the ``attention_mask`` [B, T] marks as real: for
-the cloze head in its packed layout (``model.cloze_impl=packed``) one sequence, the context once and then the
-C continuations; in the separate layout its C sequences together (``[C*L, d]``, the context C times). The
-Jacobians (GLM predictive) of the two layouts are equal; the KFAC factors are approximations that depend on
-the computation graph (how often the context's positions enter), so the two layouts give different factors,
-each equal to its own definition.
+Sequences (weight sharing over the T_n positions of example n, one loss per example; Eschenhagen et al.
+2023). ``g_{n,t}`` = the output gradient at position t, ``a_{n,t}`` = the input there; three definitions
+(``approx``), which differ in the scale of the LoRA layers' factors (the head sees one vector per example,
+T = 1, and gets the same factors under all three):
+
+* ``reduce`` (KFAC-reduce): ``A = sum_n abar_n abar_n^T`` with ``abar_n`` the mean input over the example's
+  non-pad positions, ``G = sum_n E[(sum_t g_{n,t})(sum_t g_{n,t})^T]``.
+* ``expand`` (KFAC-expand with curvlinops' scale; the default): ``A = sum_n (1/T_n) sum_t a_{n,t} a_{n,t}^T``
+  over the example's non-pad positions (its own length, where curvlinops divides by the padded length, pads
+  included), ``G = sum_n sum_t E[g_{n,t} g_{n,t}^T]``.
+* ``expand_sum`` (KFAC-expand as the Laplace-LoRA code computes it: ASDL's ``kfac-expand`` called with
+  ``data_size=1``, inputs flattened over batch x positions, then divided by N by laplace-torch):
+  ``A = sum_n sum_t a_{n,t} a_{n,t}^T`` over *every* position of the padded batch, pads included, no 1/T;
+  ``G`` as ``expand``. So A is ~T times ``expand``'s, and it depends on how examples are batched and
+  padded (a short sentence in a long batch adds its pad activations), as in the paper's code.
+
+Under ``reduce`` and ``expand`` pad positions are masked out (they have zero output gradient), so those
+factors do not depend on the batching. A layer's input per example is ``[T, d]`` over the positions the
+``attention_mask`` marks as real: for the cloze head in its packed layout (``model.cloze_impl=packed``) one
+sequence, the context once and then the C continuations; in the separate layout its C sequences together
+(``[C*L, d]``, the context C times). The Jacobians (GLM predictive) of the two layouts are equal; the KFAC
+factors depend on the computation graph (how often the context's positions enter), so the two layouts give
+different factors, each equal to its own definition. None of the three equals the exact GGN for one loss per sequence (``reduce`` does for a layer
+followed linearly by mean pooling; tests/test_laplace.py reports all three's trace ratios to the GGN).
 
 Fisher (``fisher``): ``exact`` -- E over y ~ p(y|x) computed in closed form from the C vectors
 ``sqrt(p_c) (e_c - p)`` (whose outer products sum to diag(p) - p p^T); ``mc`` -- ``n`` labels sampled
@@ -39,158 +51,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from uqlora.core.kron_factor import Factor, stable_eigh, stable_svd  # noqa: F401  (re-exported)
 from uqlora.errors import UqloraError
 
 log = logging.getLogger(__name__)
 FISHERS = ("exact", "mc", "empirical")
 SUBSETS = ("all", "last_layer")
-KFAC_APPROX = ("reduce", "expand")
-
-
-JITTERS = (1e-10, 1e-8, 1e-6, 1e-4, 1e-2)  # relative to the mean diagonal, tried in turn
-
-
-def stable_eigh(mat: torch.Tensor, what: str = "KFAC factor") -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` of a symmetric PSD curvature factor that never crashes on a singular or
-    ill-conditioned one: a non-finite factor is a one-line error (its gradients overflowed); when the solver
-    does not converge, ``jitter * I`` (relative jitter 1e-10, 1e-8, ... of the mean diagonal) is added and the
-    decomposition retried, with a warning naming the jitter. A singular factor needs no jitter (its zero
-    eigenvalues are fine: the prior precision keeps the posterior proper)."""
-    if not torch.isfinite(mat).all():
-        raise UqloraError(f"{what} has non-finite entries (NaN/inf curvature or variance): check the MAP model's "
-                          "loss, or fit in fp32")
-    try:
-        return torch.linalg.eigh(mat)
-    except torch.linalg.LinAlgError:
-        pass
-    eye = torch.eye(mat.shape[-1], dtype=mat.dtype, device=mat.device)
-    scale = float(mat.diagonal(dim1=-2, dim2=-1).abs().mean().clamp_min(torch.finfo(mat.dtype).tiny))
-    for rel in JITTERS:
-        try:
-            lam, Q = torch.linalg.eigh(mat + rel * scale * eye)
-        except torch.linalg.LinAlgError:
-            continue
-        msg = (f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) is ill-conditioned: eigh did not converge; "
-               f"decomposed it with jitter {rel * scale:.3g} * I (relative {rel:g}) added, then removed")
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg)
-        return lam - rel * scale, Q  # eigh(M + jI) = Q (lam + j) Q^T: the same eigenvectors, M's own spectrum
-    raise UqloraError(f"{what} ({mat.shape[-1]}x{mat.shape[-1]}) could not be decomposed even with relative "
-                      f"jitter {JITTERS[-1]:g}")
-
-
-def stable_svd(mat: torch.Tensor, what: str = "KFAC low-rank factor") -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, S)`` of the thin SVD of ``mat`` [d, m]; when the SVD does not converge, from the (jittered, see
-    :func:`stable_eigh`) eigendecomposition of the small Gram matrix ``mat^T mat`` instead."""
-    if not torch.isfinite(mat).all():
-        raise UqloraError(f"{what} has non-finite entries (NaN/inf curvature): check the MAP model's loss, or fit in fp32")
-    try:
-        U, S, _ = torch.linalg.svd(mat, full_matrices=False)
-        return U, S
-    except torch.linalg.LinAlgError:
-        pass
-    _, V = stable_eigh(mat.T @ mat, what)
-    W = mat @ V.flip(1)                       # = U S with S the column norms (exact for any orthonormal V)
-    S = W.norm(dim=0)
-    # the Gram matrix squares the condition number: directions below sqrt(eps) of the largest are noise
-    keep = S > S.max() * torch.finfo(mat.dtype).eps ** 0.5 if S.numel() else S > 0
-    U = W[:, keep] / S[keep]
-    msg = f"{what}: the SVD did not converge; used the eigendecomposition of its Gram matrix"
-    warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    log.warning(msg)
-    return U, S[keep]
-
-
-class Factor:
-    """Running ``sum_i v_i v_i^T`` over rows ``v`` of width ``dim``: dense (float64), or as a rank-``rank``
-    square root refreshed by truncated SVD every ``flush_rows`` buffered rows."""
-
-    def __init__(self, dim: int, rank: int | None = None, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu"):
-        self.dim, self.rank, self.dtype = int(dim), None if rank is None else int(rank), dtype
-        self.lowrank = self.rank is not None
-        if self.lowrank:
-            self.root = torch.zeros(self.dim, 0, dtype=dtype, device=device)
-            self._buf: list[torch.Tensor] = []
-            self._nbuf = 0
-            self.flush_rows = max(256, 4 * self.rank)
-        else:
-            self.mat = torch.zeros(self.dim, self.dim, dtype=dtype, device=device)
-
-    def update(self, v: torch.Tensor) -> None:
-        v = v.detach().reshape(-1, self.dim).to(self.dtype)
-        if not self.lowrank:
-            self.mat.addmm_(v.T, v)
-            return
-        self._buf.append(v)
-        self._nbuf += v.shape[0]
-        if self._nbuf >= self.flush_rows:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self.lowrank or not self._buf:
-            return
-        stacked = torch.cat([self.root, torch.cat(self._buf).T], dim=1)  # [d, k + n]
-        self._buf, self._nbuf = [], 0
-        U, S = stable_svd(stacked)
-        k = min(self.rank, S.numel())
-        self.root = U[:, :k] * S[:k]
-
-    def merge(self, other: "Factor") -> None:
-        """Add another accumulator's sum (e.g. another process's factor)."""
-        if self.lowrank:
-            other._flush()
-            self._buf.append(other.root.T.to(self.root))
-            self._nbuf += other.root.shape[1]
-            self._flush()
-        else:
-            self.mat += other.mat.to(self.mat)
-
-    def all_reduce(self, group=None) -> None:
-        """Replace this process's sum by the sum over all processes of ``group`` (torch.distributed): dense
-        factors by an all-reduce; low-rank ones by gathering every process's square root (zero-padded to
-        ``rank`` columns) and re-truncating them stacked in rank order, the same computation on every process
-        (:meth:`merge` over all ranks), so all processes end with the same factor."""
-        import torch.distributed as dist
-
-        if not self.lowrank:
-            dist.all_reduce(self.mat, op=dist.ReduceOp.SUM, group=group)
-            return
-        self._flush()
-        root = torch.zeros(self.dim, self.rank, dtype=self.dtype, device=self.root.device)
-        root[:, :self.root.shape[1]] = self.root
-        roots = [torch.empty_like(root) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(roots, root, group=group)
-        self.root = root[:, :0]
-        self._buf, self._nbuf = [r.T for r in roots], sum(r.shape[1] for r in roots)
-        self._flush()
-
-    def dense(self) -> torch.Tensor:
-        if self.lowrank:
-            self._flush()
-            return self.root @ self.root.T
-        return self.mat
-
-    def eig(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Q [d, k], lam [k])`` with ``Q diag(lam) Q^T`` = the factor; k = d when dense. Tiny negative
-        eigenvalues from round-off are clipped to 0 (a warning when they are not tiny)."""
-        if self.lowrank:
-            self._flush()
-            U, S = stable_svd(self.root)
-            keep = S > 0
-            return U[:, keep].contiguous(), S[keep] ** 2
-        mat = 0.5 * (self.mat + self.mat.T)
-        lam, Q = stable_eigh(mat)
-        neg = lam.min().item()
-        if neg < -1e-6 * max(lam.max().item(), 1e-30):
-            log.warning("KFAC factor has a negative eigenvalue %.3g (max %.3g); clipping to 0", neg, lam.max().item())
-        return Q.contiguous(), lam.clamp(min=0.0)
+KFAC_APPROX = ("reduce", "expand", "expand_sum")
 
 
 @dataclass
@@ -202,6 +74,7 @@ class KFACLayer:
     bias: nn.Parameter | None
     module: nn.Module                          # whose input (Linear) / output (head_input) is the layer input
     kind: str                                  # lora | head
+    prior_mean: torch.Tensor | None = None     # [out, in (+1)] mean of the Gaussian prior; None: zero
     A: Factor | None = None
     G: Factor | None = None
     _in: list = field(default_factory=list, repr=False)
@@ -239,6 +112,7 @@ def select_layers(backbone: nn.Module, subset: str = "all") -> list[KFACLayer]:
     if hp is not None:
         w, b = hp
         head = KFACLayer("head", w, b if (b is not None and b.requires_grad) else None, backbone.head_input, "head")
+        head.prior_mean = head_prior_mean(backbone, head.bias is not None)
     if subset == "all":
         layers = lora + ([head] if head else [])
     elif head is not None:
@@ -251,6 +125,25 @@ def select_layers(backbone: nn.Module, subset: str = "all") -> list[KFACLayer]:
     if not layers:
         raise UqloraError("the model has no trainable LoRA/head parameters for the Laplace posterior")
     return layers
+
+
+def head_prior_mean(backbone: nn.Module, with_bias: bool) -> torch.Tensor | None:
+    """The prior mean of the head layer as one ``[C, d (+1)]`` matrix: for an ``lm_choices`` head, whose
+    trained answer rows start from the pretrained LM-head rows of the answer tokens, those pretrained rows
+    (the prior is on the change, as the paper's LoRA on the LM head puts it on a zero-initialised delta);
+    None (a zero mean) for a freshly initialised classifier head."""
+    if getattr(backbone, "head_kind", "") != "lm_choices":
+        return None
+    lm_head, ids = getattr(backbone, "generation_lm_head", None), getattr(backbone, "answer_token_ids", None)
+    if lm_head is None or ids is None:
+        log.warning("lm_choices head without its pretrained LM head: the Laplace prior is centred at zero")
+        return None
+    w = lm_head.weight.detach()[ids.to(lm_head.weight.device)].to(torch.float64)
+    if with_bias:
+        b = getattr(lm_head, "bias", None)
+        b = torch.zeros(len(ids), dtype=torch.float64, device=w.device) if b is None else b.detach()[ids].double()
+        w = torch.cat([w, b.unsqueeze(1)], dim=1)
+    return w.cpu()
 
 
 @contextlib.contextmanager
@@ -352,13 +245,22 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
 
     ``approx="reduce"``: one row per example (mean input, summed output gradient). ``approx="expand"``:
     one row per non-pad position, inputs scaled by ``1/sqrt(T_n)`` so A sums each example's *mean* of
-    ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position."""
+    ``a_t a_t^T`` over its T_n positions, and G sums ``g_t g_t^T`` over every position.
+    ``approx="expand_sum"``: one row per position of the padded batch, pads included, unscaled."""
     labels = batch["labels"]
-    B = labels.shape[0]
     logp = torch.log_softmax(logits.detach().double(), -1)
     ll = float(logp.gather(1, labels.unsqueeze(1)).sum())
     V = fisher_vectors(logp.exp(), labels, fisher, n_samples, generator)
-    grads = output_grads(logits, layers, V)
+    add_to_factors(layers, output_grads(logits, layers, V), batch, approx)
+    for lay in layers:
+        lay._in.clear(), lay._out.clear()
+    return ll
+
+
+def add_to_factors(layers: list[KFACLayer], grads: list[torch.Tensor], batch: dict, approx: str = "expand") -> None:
+    """Add each layer's captured inputs and its output gradients ``grads`` (:func:`output_grads`) to its
+    factors under the KFAC definition ``approx`` (see :func:`accumulate`)."""
+    B = batch["labels"].shape[0]
     mask = batch.get("attention_mask")
     for lay, g in zip(layers, grads):
         a, m = layer_inputs(lay, B, mask)
@@ -369,12 +271,12 @@ def accumulate(layers: list[KFACLayer], logits: torch.Tensor, batch: dict, fishe
             a_rows = (a.double() * (mf / mf.sum(1, keepdim=True).clamp(min=1.0)).sqrt())[m]   # [sum T_n, in]
             lay.A.update(a_rows)
             lay.G.update(g[:, m].reshape(-1, d_out))                            # pads: zero gradient anyway
+        elif approx == "expand_sum":
+            lay.A.update(a.double().reshape(-1, a.shape[-1]))                   # [B * T, in]: pads included
+            lay.G.update(g.reshape(-1, d_out))
         else:
             lay.A.update((a.double() * mf).sum(1) / mf.sum(1).clamp(min=1.0))  # [B, in]: mean over positions
             lay.G.update(g.sum(2).reshape(S * B, d_out))                        # sum over positions
-    for lay in layers:
-        lay._in.clear(), lay._out.clear()
-    return ll
 
 
 def check_eval_mode(module: nn.Module) -> None:

@@ -14,10 +14,12 @@ so covariances are never formed: for a Jacobian matrix J (one logit w.r.t. W_l, 
 
 Log marginal likelihood (evidence) of the prior precision, as in Immer et al. / laplace-torch:
 
-    log p(D | delta) ~= log p(D | theta*) - 1/2 [ log det P - log det P_0 ] - 1/2 sum_l delta_l ||theta*_l||^2
+    log p(D | delta) ~= log p(D | theta*) - 1/2 [ log det P - log det P_0 ] - 1/2 sum_l delta_l ||theta*_l - mu_l||^2
     log det P - log det P_0 = sum_l sum_{lam in lam_l} log(1 + lam / delta_l)
 
-(the scatter term uses *squared* norms; the prior is N(0, delta_l^{-1} I)).
+(the scatter term uses *squared* norms; the prior is N(mu_l, delta_l^{-1} I) with mu_l = 0 except for the
+answer rows of an ``lm_choices`` head, where mu_l = the pretrained LM-head rows they start from:
+:func:`uqlora.core.kfac.head_prior_mean`).
 
 Predictives (linearised GLM: f ~ N(f(x; theta*), J Sigma J^T)):
 * ``probit``: softmax(f_mu / sqrt(1 + pi/8 * diag f_var));
@@ -32,7 +34,7 @@ import math
 
 import torch
 
-from uqlora.core.kfac import stable_eigh
+from uqlora.core.kron_factor import stable_eigh
 from uqlora.errors import UqloraError
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ LINKS = ("probit", "mc", "bridge")
 class KronPosterior:
     def __init__(self, names: list[str], shapes: list[tuple[int, int]], eigs: list[tuple], theta: list[torch.Tensor],
                  n_data: int, log_lik: float, prior_precision: float | torch.Tensor = 1.0,
-                 structure: str = "scalar"):
+                 structure: str = "scalar", prior_mean: list | None = None):
         if structure not in ("scalar", "layerwise"):
             raise UqloraError(f"unknown method.prior.structure '{structure}'; valid choices: scalar, layerwise")
         self.names, self.shapes, self.structure = list(names), [tuple(s) for s in shapes], structure
@@ -51,6 +53,11 @@ class KronPosterior:
         self.Qg = [e[2] for e in eigs]
         self.lg = [e[3] for e in eigs]
         self.theta = [t.detach().to(torch.float64) for t in theta]
+        mean = list(prior_mean) if prior_mean is not None else [None] * len(self.theta)
+        if len(mean) != len(self.theta):
+            raise UqloraError(f"prior mean has {len(mean)} entries for {len(self.theta)} layers")
+        self.prior_mean = [None if m is None else m.detach().to(torch.float64).reshape(t.shape).to(t.device)
+                           for m, t in zip(mean, self.theta)]
         self.n_data, self.log_lik = int(n_data), float(log_lik)
         self.lam = [torch.outer(g, a) / self.n_data for a, g in zip(self.la, self.lg)]
         self.full = [q_a.shape[1] == s[1] and q_g.shape[1] == s[0]
@@ -65,7 +72,8 @@ class KronPosterior:
             q_g, l_g = lay.G.eig()
             eigs.append((q_a, l_a, q_g, l_g))
         return cls([lay.name for lay in result.layers], [lay.shape for lay in result.layers], eigs,
-                   [lay.matrix() for lay in result.layers], result.n_data, result.log_lik, prior_precision, structure)
+                   [lay.matrix() for lay in result.layers], result.n_data, result.log_lik, prior_precision, structure,
+                   [getattr(lay, "prior_mean", None) for lay in result.layers])
 
     # --- prior precision ------------------------------------------------------------------------------
     @property
@@ -96,9 +104,13 @@ class KronPosterior:
         delta = self._delta if delta is None else delta
         return sum(torch.log1p(lam / d).sum() for lam, d in zip(self.lam, delta.expand(len(self.lam))))
 
+    def sq_dist(self) -> list[torch.Tensor]:
+        """Per layer ``||theta*_l - mu_l||^2`` (the squared distance of the MAP from the prior mean)."""
+        return [((t if m is None else t - m) ** 2).sum() for t, m in zip(self.theta, self.prior_mean)]
+
     def scatter(self, delta: torch.Tensor | None = None) -> torch.Tensor:
         delta = self._delta if delta is None else delta
-        return sum(d * (t ** 2).sum() for t, d in zip(self.theta, delta.expand(len(self.theta))))
+        return sum(d * q for q, d in zip(self.sq_dist(), delta.expand(len(self.theta))))
 
     def log_marginal_likelihood(self, delta: torch.Tensor | None = None) -> torch.Tensor:
         return self.log_lik - 0.5 * (self.log_det_ratio(delta) + self.scatter(delta))
@@ -178,7 +190,7 @@ class KronPosterior:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "structure": self.structure,
                 "Qa": list(self.Qa), "la": list(self.la), "Qg": list(self.Qg), "lg": list(self.lg),
                 "theta": list(self.theta), "n_data": self.n_data, "log_lik": self.log_lik,
-                "prior_precision": self._delta.clone()}
+                "prior_precision": self._delta.clone(), "prior_mean": list(self.prior_mean)}
 
     def load_state_dict(self, s: dict) -> None:
         self.__dict__.update(KronPosterior.from_state_dict(s).__dict__)
@@ -187,7 +199,7 @@ class KronPosterior:
     def from_state_dict(cls, s: dict) -> "KronPosterior":
         eigs = list(zip(s["Qa"], s["la"], s["Qg"], s["lg"]))
         return cls(s["names"], [tuple(x) for x in s["shapes"]], eigs, s["theta"], s["n_data"], s["log_lik"],
-                   s["prior_precision"], s.get("structure", "scalar"))
+                   s["prior_precision"], s.get("structure", "scalar"), s.get("prior_mean"))
 
 
 def _sqrtm_psd(f_var: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,12 @@ def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: floa
     else:
         mask = choice_mask.to(z.dtype)
         sum_logp, n = ((z - lse.unsqueeze(1)) * mask).sum(1), mask.sum(1)
-    smooth = (-(sum_logp + nll) / (n - 1)) if others_only else -sum_logp / n
     eps = torch.as_tensor(eps, dtype=z.dtype, device=z.device)
+    if others_only:  # a row with one valid class has no other class to smooth towards: plain NLL
+        n_others = torch.as_tensor(n, dtype=z.dtype, device=z.device) - 1
+        smooth, eps = -(sum_logp + nll) / n_others.clamp(min=1.0), eps * (n_others > 0)
+    else:
+        smooth = -sum_logp / n
     return reduce((1 - eps) * nll + eps * smooth)
 
 

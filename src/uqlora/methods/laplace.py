@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import List
 
@@ -24,6 +23,7 @@ import torch
 from uqlora import distributed as dist
 from uqlora.core.kfac import capture, fit_kfac, per_example_jacobians, reduce_kfac, select_layers
 from uqlora.core.laplace import KronPosterior, glm_predictive
+from uqlora.core.laplace_prior import tune_marglik, tune_val_nll
 from uqlora.errors import UqloraError
 from uqlora.methods import register
 from uqlora.methods.posthoc import PostHocConfig, PostHocMethod
@@ -67,6 +67,7 @@ class Fisher(Choice):
 
 class KfacApprox(Choice):
     expand = "expand"
+    expand_sum = "expand_sum"
     reduce = "reduce"
 
 
@@ -99,7 +100,7 @@ class LaplaceConfig(PostHocConfig):
     display_name: str = "Laplace-LoRA"
     subset: Subset = Subset.all                # all | last_layer
     fisher: Fisher = Fisher.exact              # exact | mc | empirical
-    kfac_approx: KfacApprox = KfacApprox.expand  # expand | reduce (over token positions)
+    kfac_approx: KfacApprox = KfacApprox.expand  # expand | expand_sum | reduce (over token positions; core/kfac.py)
     fisher_samples: int = at_least(1, 1)       # mc: labels sampled per example
     n_kfac: int = at_least(1, 10)              # rank kept for wide factors (paper: 10)
     lowrank_threshold: int = at_least(1, 1024)  # factors wider than this are low rank (paper: 100, for 4096-wide LLMs)
@@ -147,7 +148,7 @@ class LaplaceMethod(PostHocMethod):
                        "posterior_floats": post.memory_floats(),
                        "log_marglik_init": float(post.log_marginal_likelihood())}
         if c.prior.method == "marglik":
-            post.optimize_marglik(steps=int(c.prior.steps), lr=float(c.prior.lr))
+            self.tuning.update(tune_marglik(post, steps=int(c.prior.steps), lr=float(c.prior.lr)))
         elif c.prior.method == "val_nll":
             self._tune_val_nll(datamodule, device)
         if world > 1:  # every process tuned the prior on the same sums (val_nll: on the whole prior.split each);
@@ -171,42 +172,16 @@ class LaplaceMethod(PostHocMethod):
 
     def _tune_val_nll(self, datamodule, device) -> None:
         c, post = self.mcfg, self.posterior
-        cache = []
-        for batch in self.batches(datamodule.loader(str(c.prior.split)), f"Laplace: prior on {c.prior.split}"):
-            f_mu, proj = self._glm_terms(batch)
-            proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
-            mask = batch.get("choice_mask")
-            cache.append((f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()))
+        def batches():  # read once by tune_val_nll (streamed for the probit grid search, else cached)
+            for batch in self.batches(datamodule.loader(str(c.prior.split)), f"Laplace: prior on {c.prior.split}"):
+                f_mu, proj = self._glm_terms(batch)
+                proj = [(m.float().cpu(), None if i is None else i.cpu()) for m, i in proj]
+                mask = batch.get("choice_mask")
+                yield f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()
 
         link = str(c.link) if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
-
-        def nll(delta: torch.Tensor) -> torch.Tensor:
-            tot, n = 0.0, 0
-            for f_mu, proj, y, mask in cache:
-                p, _ = glm_predictive(f_mu, post.functional_variance(proj, delta), link, mask=mask)
-                tot = tot - torch.log(p.gather(1, y.unsqueeze(1)).clamp(min=1e-12)).sum()
-                n += y.numel()
-            return tot / n
-
-        L = len(post.names)
-        grid = sorted(float(g) for g in c.prior.grid)
-        if any(g <= 0 for g in grid):
-            raise UqloraError(f"method.prior.grid values must be > 0, got {grid}")
-        scores = [float(nll(torch.full((L,), g, dtype=torch.float64))) for g in grid]
-        best = grid[min(range(len(grid)), key=scores.__getitem__)]
-        self.tuning["val_nll_grid"] = dict(zip(map(str, grid), scores))
-        post.prior_precision = best
-        if c.prior.search == "gradient":
-            n = 1 if c.prior.structure == "scalar" else L
-            log_d = torch.full((n,), math.log(best), dtype=torch.float64, requires_grad=True)
-            opt = torch.optim.Adam([log_d], lr=float(c.prior.lr))
-            for _ in range(int(c.prior.steps)):
-                opt.zero_grad()
-                loss = nll(log_d.exp().expand(L))
-                loss.backward()
-                opt.step()
-            post.prior_precision = log_d.detach().exp()
-        self.tuning["val_nll"] = float(nll(post.prior_precision))
+        self.tuning.update(tune_val_nll(post, batches(), list(c.prior.grid), str(c.prior.search),
+                                        str(c.prior.structure), int(c.prior.steps), float(c.prior.lr), link))
 
     # --- predictive -----------------------------------------------------------------------------------------
     def _require(self):

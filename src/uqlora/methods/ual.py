@@ -5,14 +5,17 @@ Training minimises the label-smoothed cross-entropy with a per-example smoothing
 example's uncertainty u_i in [0, 1]. The loss is one function for both settings (``smoothed_cross_entropy``
 of :mod:`uqlora.methods.base`), over *rows* with a per-row eps:
 
-* classification: a row is an example; loss_i = (1 - eps_i) * (-log p_y) + eps_i * mean_c(-log p_c), the mean
-  over the valid classes (standard label smoothing, as the baseline ``loss.label_smoothing``);
+* classification: a row is an example; with ``method.smoothing_target=others`` (default, the authors'
+  target) loss_i = (1 - eps_i) * (-log p_y) + eps_i * mean_{c != y}(-log p_c), i.e. 1 - eps_i on the true
+  class and eps_i / (C - 1) on each other valid class; ``uniform``: standard label smoothing (the baseline
+  ``loss.label_smoothing``), eps_i / C on every valid class, so the true class keeps 1 - eps_i + eps_i / C
+  (C = 2, eps = 0.3: 0.85 instead of 0.70). Masked (padded) choices get no mass under either;
 * token-level SFT (generation data, head ``lm_sft``) -- the paper's own setting: a row is a target token of
   example i, with the authors' target: 1 - eps_i on the reference token and eps_i / (V - 1) on each of the
-  V - 1 other vocabulary tokens, i.e. loss_t = (1 - eps_i) * (-log p_y) + eps_i * mean_{v != y}(-log p_v);
-  every token of the example shares eps_i. The rows are averaged per example, then over examples
-  (``loss.token_reduction=sample``, what the authors' micro-batches of one example do) or over all tokens
-  (``token``). Uniform smoothing with the same target is ``method=map loss.label_smoothing=0.1``.
+  V - 1 other vocabulary tokens (``others``; ``uniform``: eps_i / V on every token); every token of the
+  example shares eps_i. The rows are averaged per example, then over examples (``loss.token_reduction=sample``,
+  what the authors' micro-batches of one example do) or over all tokens (``token``). Uniform smoothing with
+  the same target is ``method=map loss.label_smoothing=0.1``.
 
 Mapping u -> eps (``method.mapping``):
 
@@ -21,9 +24,6 @@ Mapping u -> eps (``method.mapping``):
   ``eps_mean``, capped at ``eps_cap``; rescale-and-cap is repeated until the mean is within 1e-3 of
   ``eps_mean``. All u_i equal -> eps_i = eps_mean for everyone, i.e. plain label smoothing.
 * ``linear``: eps_i = eps_min + (eps_max - eps_min) * u_i.
-
-For classification the smoothing mass is spread over all valid classes (true class 1 - eps + eps/C), as in
-standard label smoothing; for tokens it goes to the V - 1 other tokens as in the authors' code.
 
 Where u_i comes from (``method.uncertainty_source``):
 
@@ -79,6 +79,11 @@ class Source(Choice):
     category = "category"
 
 
+class Target(Choice):
+    others = "others"
+    uniform = "uniform"
+
+
 class TeacherScore(Choice):
     entropy = "entropy"
     sr = "sr"
@@ -101,6 +106,7 @@ class UALConfig(MethodConfig):
     eps_cap: float = rule(0.99, HALF_OPEN_UNIT)   # mean_scaled: largest eps
     eps_min: float = rule(0.0, HALF_OPEN_UNIT)    # linear
     eps_max: float = rule(0.3, HALF_OPEN_UNIT)    # linear
+    smoothing_target: Target = Target.others  # others: 1 - eps on the true class (authors') | uniform: eps / C on all
     cache_dir: Optional[str] = None      # teacher cache; null: $UQLORA_CACHE_DIR or ~/.cache/uqlora
     category_scores: Dict[str, float] = rule(dict(CATEGORY_SCORES), SCORE_MAP)  # source=category: source -> u
 
@@ -221,6 +227,6 @@ class UALMethod(UQMethod):
     def loss(self, logits, batch):
         if "label_smoothing" not in batch:
             raise UqloraError("UAL training batch without per-example label_smoothing (prepare_fit did not run)")
+        args = {**self.row_loss_args(batch), "others_only": str(self.mcfg.smoothing_target) == "others"}
         return smoothed_cross_entropy(logits, batch["labels"], batch["label_smoothing"].to(logits.device),
-                                      batch.get("choice_mask"), **self.row_loss_args(batch)) \
-            + self.entropy_term(logits, batch)
+                                      batch.get("choice_mask"), **args) + self.entropy_term(logits, batch)

@@ -83,15 +83,18 @@ ERROR_DETECTION_METRICS = ("auroc", "auprc", "aurc", "ece")
 
 
 def evaluate_error_detection(uncertainty: dict[str, Any], correct: Any, n_bins: int = 15,
-                             probability_scores: tuple[str, ...] = ()) -> dict[str, float]:
+                             probability_scores: tuple[str, ...] = (),
+                             error_probabilities: dict[str, Any] | None = None) -> dict[str, float]:
     """Misclassification detection by per-example uncertainty scores (higher = more likely wrong).
 
     For every ``name -> u [N]``: ``errdet_{name}_auroc`` (ROC-AUC of detecting the errors; AdUE's
     primary metric), ``_auprc`` (average precision, errors positive), ``_aurc`` (area under the
     risk-coverage curve when accepting the least uncertain first); and for the scores named in
-    ``probability_scores`` (those meant as a probability of error, in [0, 1]) ``_ece``: the
-    equal-width binned ``sum_b |B_b|/N |mean(u in b) - error rate in b|`` with ``n_bins`` bins.
-    AUROC/AUPRC are ``nan`` when all predictions are right or all wrong.
+    ``probability_scores`` ``_ece``: the equal-width binned ``sum_b |B_b|/N |mean(q in b) - error rate in b|``
+    with ``n_bins`` bins of the score's probability of error q in [0, 1] -- ``error_probabilities[name]``
+    when given (a score rescaled for ranking is not one: the softmax response ``(1 - max p) / (1 - 1/C)``
+    ranks as SR, but its probability of error is ``1 - max p``), else u itself (e.g. AdUE's u, trained as
+    one). AUROC/AUPRC are ``nan`` when all predictions are right or all wrong.
     """
     corr = np.asarray(correct).astype(bool).reshape(-1)
     out: dict[str, float] = {}
@@ -105,15 +108,18 @@ def evaluate_error_detection(uncertainty: dict[str, Any], correct: Any, n_bins: 
         out[f"errdet_{name}_auprc"] = sel.misclassification_auprc(-u, corr)
         out[f"errdet_{name}_aurc"] = sel.aurc(-u, corr)
         if name in probability_scores:
-            if u.min() < 0 or u.max() > 1:
-                raise MetricInputError(f"uncertainty '{name}' is used as a probability but leaves [0, 1]")
-            idx = cal.bin_indices(u, n_bins)
+            q = u if name not in (error_probabilities or {}) else np.asarray(error_probabilities[name],
+                                                                              dtype=np.float64).reshape(-1)
+            if q.shape != corr.shape or not np.isfinite(q).all() or q.min() < 0 or q.max() > 1:
+                raise MetricInputError(f"the probability of error of '{name}' must be {corr.shape[0]} finite "
+                                       "values in [0, 1]")
+            idx = cal.bin_indices(q, n_bins)
             err = (~corr).astype(np.float64)
             gap = 0.0
             for b in range(n_bins):
                 m = idx == b
                 if m.any():
-                    gap += m.sum() / u.shape[0] * abs(u[m].mean() - err[m].mean())
+                    gap += m.sum() / q.shape[0] * abs(q[m].mean() - err[m].mean())
             out[f"errdet_{name}_ece"] = float(gap)
     return out
 
