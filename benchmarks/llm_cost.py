@@ -74,6 +74,10 @@ METHODS = [
     Spec("temperature", ("method=temperature",), "posthoc"),
     Spec("adue", ("method=adue",), "posthoc", quick=("method.grid.lr=[1e-3]", "method.grid.alpha_reg=[0.1]",
                                                      "method.grid.alpha_l2sp=[0.1]", "method.epochs=2")),
+    Spec("blob", ("method=blob",), quick=SAMPLES_QUICK),
+    Spec("scalabl", ("method=scalabl",), quick=SAMPLES_QUICK),
+    Spec("tfb", ("method=tfb",), "posthoc", quick=SAMPLES_QUICK + ("method.search_iters=2", "method.search_samples=2",
+                                                                  "method.anchor_size=8")),
     Spec("ensemble", ("method=ensemble",), "members", base="map"),
     Spec("multiswag", ("method=multiswag",), "members", base="swag"),
 ]

@@ -230,8 +230,9 @@ def test_ddp_two_processes_match_one_process_laplace(tmp_path):
     # the posterior: factors summed over the two shards, N, log-likelihood, prior precision
     s1, s2 = (torch.load(d / "checkpoints" / "method_state.pt", weights_only=True) for d in (one, ddp))
     f1, f2 = _factors(s1), _factors(s2)
-    for k in f1:
-        torch.testing.assert_close(f2[k], f1[k], rtol=1e-5, atol=1e-5 * float(f1[k].abs().max()))
+    for k in f1:  # the adapters agree to 5e-6 (above) on LoRA B entries of ~1e-2, so factors built from B's
+        # gradients (the LoRA A layers' output factors) agree to ~1e-3 relative; a missing shard would be ~50% off
+        torch.testing.assert_close(f2[k], f1[k], rtol=1e-3, atol=1e-3 * float(f1[k].abs().max()))
     assert s2["posterior"]["n_data"] == s1["posterior"]["n_data"] == 32
     assert s2["posterior"]["log_lik"] == pytest.approx(s1["posterior"]["log_lik"], rel=1e-5)
     torch.testing.assert_close(s2["posterior"]["prior_precision"], s1["posterior"]["prior_precision"], rtol=1e-4,
