@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo test test-slow clean-outputs bench-install bench-laplace bench-swag bench-llm tables
+.PHONY: install demo demo-llm test test-slow clean-outputs bench-install bench-laplace bench-swag bench-llm tables
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,15 @@ DEMO_METHODS ?= map,swag,mc_dropout
 demo: install
 	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) experiments/summarize.py $(DEMO_DIR) --out $(DEMO_DIR)/summary.md
+
+# The LLM demo: SmolLM2-135M on ARC-Easy (cloze head), MAP, then Laplace-LoRA and temperature scaling on that MAP run.
+DEMO_LLM_DIR ?= multirun/demo_llm/$(DEMO_STAMP)
+
+demo-llm: install
+	$(OFFLINE) $(PY) train.py -m experiment=demo_llm method=map hydra.sweep.dir=$(DEMO_LLM_DIR)/train
+	$(OFFLINE) $(PY) train.py -m experiment=demo_llm method=laplace,temperature \
+		method.map_run=$(abspath $(DEMO_LLM_DIR))/train/0_map_smollm2_135m_arc_e_s0 hydra.sweep.dir=$(DEMO_LLM_DIR)/posthoc
+	$(PY) experiments/summarize.py $(DEMO_LLM_DIR)/train $(DEMO_LLM_DIR)/posthoc --out $(DEMO_LLM_DIR)/summary.md
 
 # Paper tables + figures from logged runs (experiments/make_tables.py):
 #   make tables RUNS=multirun/laplace_lora_cpu/<stamp>             -> <RUNS>/tables (OUT=... to change)
