@@ -95,15 +95,25 @@ def _batch(bb, data_split="test", n=8):
     return bb.collator(splits[data_split][:n])
 
 
+def _separate_batch(bb, data, adapter=None, overrides=()):
+    """The same test examples as :func:`_batch` in the one-sequence-per-choice cloze layout (what plain
+    transformers scores)."""
+    sep = load_backbone("tiny_llama", data=data, adapter=adapter, overrides=[*overrides, "model.cloze_impl=separate"])
+    return _batch(sep)
+
+
 # --- import -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("data,head", [("sst2", "lm_choices"), ("arc_e", "lm_cloze")])
 def test_plain_peft_causal_adapter_gives_plain_peft_logits(causal_adapter, data, head):
     folder, pm = causal_adapter
     bb = load_backbone("tiny_llama", data=data, adapter=folder).eval()
     assert bb.head_kind == head
-    batch = _batch(bb)
+    batch = _batch(bb)  # ours: the default (packed) cloze layout; plain peft scores one sequence per choice
+    if head == "lm_cloze":
+        batch_ours = batch
+        batch = _separate_batch(bb, "arc_e", folder)
     with torch.no_grad():
-        ours = bb.logits(batch)
+        ours = bb.logits(batch if head != "lm_cloze" else batch_ours)
         full = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     if head == "lm_choices":
         last = batch["attention_mask"].sum(1) - 1
@@ -211,6 +221,8 @@ def test_exported_adapter_reimports_and_loads_in_plain_peft(bases, tmp_path, mod
         # re-imported through the pipeline's importer: identical logits
         again = load_backbone(model, data=data, adapter=run.adapter_dir, overrides=over).eval().logits(batch)
         torch.testing.assert_close(again, expected, rtol=0, atol=1e-6)
+        if head == "lm_cloze":  # plain peft scores one sequence per choice
+            batch = _separate_batch(ours, data, overrides=over)
         # plain transformers + peft
         kw = {"num_labels": 2} if load_with == "AutoModelForSequenceClassification" else {}
         base = getattr(transformers, load_with).from_pretrained(bases[model], **kw)

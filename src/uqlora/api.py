@@ -110,7 +110,8 @@ def load_backbone(model: str, data: str = "sst2", adapter: str | Path | None = N
         load_adapter(bb, found, cfg.model, "adapter")
     bb.tokenizer, bb.cfg = tok, cfg
     bb.collator = Collator(tok, bb.head_kind, info.task, info.num_classes, int(cfg.data.max_length),
-                           cfg.data.get("prompt"), causal=cfg.model.kind == "causal")
+                           cfg.data.get("prompt"), causal=cfg.model.kind == "causal",
+                           cloze_impl=str(cfg.model.get("cloze_impl", "packed")))
     return bb
 
 

@@ -212,4 +212,4 @@ def build_backbone(mcfg, head: str, num_classes: int, answer_words: list[str] | 
         object.__setattr__(bb, "generation_lm_head", lm_head)  # full vocabulary for free-text generation (not a
         return bb                                              # submodule: its weight is not trained or saved)
     return LMClozeBackbone(transformer, lm_head, num_classes, norm=mcfg.get("cloze_norm", "char"),
-                           impl=mcfg.get("cloze_impl", "packed"))
+                           impl=mcfg.get("cloze_impl", "packed"), scale=mcfg.get("cloze_scale", "fixed"))

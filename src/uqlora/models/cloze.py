@@ -1,6 +1,8 @@
 """The cloze head (``lm_cloze``): each choice's continuation scored by its log-likelihood after the context,
 normalised by its length in tokens (``cloze_norm=token``), characters (``char``) or not at all (``none``);
-the C scores are the logits.
+the C scores are the logits -- or, with ``model.cloze_scale=learned``, the scores times ``exp(s)`` with ``s`` a
+trainable scalar (0 at the start): length-normalised log-likelihoods of different answers are close to each
+other, so the C-way softmax over them is nearly flat and a fixed scale leaves the model underconfident.
 
 Two computations of the same scores (``model.cloze_impl``, batch layouts in :mod:`uqlora.data.cloze_batch`):
 
@@ -29,6 +31,7 @@ from uqlora.errors import ModelError, UqloraError
 from uqlora.models.base import Backbone, _last_index
 
 NORMS = ("token", "char", "none")
+SCALES = ("fixed", "learned")
 MASK_KINDS = {"sdpa": "bool", "eager": "additive"}  # attention implementations that take a 4D mask
 
 
@@ -47,10 +50,16 @@ def block_attention_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor
 class LMClozeBackbone(Backbone):
     head_kind = "lm_cloze"
 
-    def __init__(self, transformer, lm_head: nn.Linear, num_classes: int, norm: str = "char", impl: str = "packed"):
+    def __init__(self, transformer, lm_head: nn.Linear, num_classes: int, norm: str = "char", impl: str = "packed",
+                 scale: str = "fixed"):
         super().__init__(transformer, num_classes)
         if norm not in NORMS:
             raise ModelError(f"unknown model.cloze_norm '{norm}'; valid choices: {', '.join(NORMS)}")
+        if scale not in SCALES:
+            raise ModelError(f"unknown model.cloze_scale '{scale}'; valid choices: {', '.join(SCALES)}")
+        # learned: logits = exp(log_scale) * score, a temperature of the choice scores trained with the adapter
+        # (saved with it; the Laplace posterior keeps it at its trained value, SWAG samples it with the LoRA weights)
+        self.log_scale = nn.Parameter(torch.zeros(())) if scale == "learned" else None
         if impl not in CLOZE_IMPLS:
             raise ModelError(f"unknown model.cloze_impl '{impl}'; valid choices: {', '.join(CLOZE_IMPLS)}")
         self.norm, self.impl = norm, impl
@@ -123,6 +132,8 @@ class LMClozeBackbone(Backbone):
             scores = scores / counts.clamp(min=1)
         elif self.norm == "char":
             scores = scores / batch["cont_chars"].reshape(-1).to(scores.dtype).clamp(min=1)
+        if self.log_scale is not None:
+            scores = scores * self.log_scale.exp().to(scores.dtype)
         return self._mask(scores.view(B, -1), batch)
 
     # --- the backbone interface -----------------------------------------------------------------------------

@@ -105,6 +105,8 @@ def export_adapter(backbone, mcfg) -> ExportedAdapter:
                 "answer_token_ids": backbone.answer_token_ids.detach().cpu().clone()}
         if backbone.answer_bias is not None:
             head["answer_bias"] = backbone.answer_bias.detach().float().clone()
+    elif kind == "lm_cloze" and backbone.log_scale is not None:
+        head = {"cloze_log_scale": backbone.log_scale.detach().float().clone()}
     alpha = float(mcfg.lora.alpha)
     config = LoraConfig(r=int(mcfg.lora.r), lora_alpha=int(alpha) if alpha.is_integer() else alpha,
                         lora_dropout=float(mcfg.lora.dropout), target_modules=sorted(mcfg.lora.target_modules),
@@ -116,6 +118,8 @@ def export_adapter(backbone, mcfg) -> ExportedAdapter:
     meta = {"format": "uqlora-adapter/1", "model": mcfg.name, "base_model": config["base_model_name_or_path"],
             "load_with": load_with, "head": kind, "num_classes": backbone.num_classes,
             "pooling": getattr(backbone, "pooling", None), "cloze_norm": getattr(backbone, "norm", None),
+            "cloze_scale": ("learned" if getattr(backbone, "log_scale", None) is not None else "fixed")
+            if kind == "lm_cloze" else None,
             "answer_token_ids": backbone.answer_token_ids.tolist() if kind == "lm_choices" else None,
             "head_file": HEAD_FILE if head else None}
     return ExportedAdapter(config, tensors, head, meta)

@@ -240,7 +240,7 @@ def _head_state(adapter: PeftAdapter, backbone, state: dict, what: str) -> dict[
         if saved:
             raise ModelError(f"{what}='{adapter.source}' also trains {sorted(saved)} (modules_to_save), which "
                              f"model.head=lm_cloze does not use (it scores with the pretrained LM head){hint}")
-        return {}
+        return _cloze_scale(adapter, backbone, what)
     if kind == "lm_choices":
         return _answer_rows(adapter, backbone, saved, what, hint)
     head = _classifier_head(adapter, backbone, saved, what)
@@ -249,6 +249,18 @@ def _head_state(adapter: PeftAdapter, backbone, state: dict, what: str) -> dict[
         raise ModelError(f"{what}: the adapter brings a head but model.lora.train_head=false keeps ours frozen (and "
                          "unsaved); valid: model.lora.train_head=true")
     return head
+
+
+def _cloze_scale(adapter, backbone, what) -> dict[str, torch.Tensor]:
+    """The learned cloze scale (``model.cloze_scale=learned``): the adapter's, or 0 (scale 1) for an adapter
+    trained without one."""
+    theirs = adapter.head.get("cloze_log_scale")
+    if backbone.log_scale is None:
+        if theirs is not None:
+            raise ModelError(f"{what}='{adapter.source}' was trained with a learned cloze scale; add "
+                             "model.cloze_scale=learned")
+        return {}
+    return {"log_scale": (theirs if theirs is not None else torch.zeros(())).reshape(())}
 
 
 def _answer_rows(adapter, backbone, saved, what, hint: str) -> dict[str, torch.Tensor]:
