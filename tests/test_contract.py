@@ -7,9 +7,10 @@ method that cannot run with its defaults on a tiny model needs an entry in ``OPT
 """
 import numpy as np
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from conftest import compose
+from test_swag import _save_hydra
 from uqlora.build import build_member, load_task, setup
 from uqlora.context import RunContext
 from uqlora.errors import UqloraError
@@ -43,11 +44,6 @@ def _cfg(tmp_path, name, *overrides):
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / name)
     return cfg
-
-
-def _save_hydra(cfg, run_dir):
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from torch.nn import functional as F
 
 from conftest import compose
+from test_swag import _save_hydra
 from uqlora.core.sft import row_weights, token_scores
 from uqlora.core.ual import map_uncertainty
 from uqlora.data.sft import SFTCollator, fit_lengths
@@ -292,11 +293,6 @@ def _cfg(tmp_path, name, *overrides):
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / name)
     return cfg
-
-
-def _save_hydra(cfg, run_dir):
-    (run_dir / ".hydra").mkdir(exist_ok=True)
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
 
 def _train(cfg):
