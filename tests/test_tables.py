@@ -383,3 +383,37 @@ def test_expected_jobs_refuse_what_the_basic_sweeper_cannot_expand(tmp_path):
     (other / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"sweeper": {
         "_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}}}))
     assert mt.expected_jobs(other) is None
+
+
+def test_paired_differences_known_answer_and_id_alignment(tmp_path, capsys):
+    """Each method minus MAP on the same examples: the differences equal direct numpy on the aligned examples
+    (the other run lists them in reverse order), a copy of MAP is a tie with zero standard error, a much better
+    predictor is 'better' on all three, and make tables writes paired.md."""
+    from uqlora.metrics import ece
+    from uqlora.results.paired import compare, paired_rows
+
+    rng = np.random.default_rng(1)
+    n = 300
+    y = rng.integers(0, 2, n)
+    q = rng.dirichlet([1, 1], n)                            # MAP: noise
+    good = np.where(np.arange(2)[None] == y[:, None], 0.9, 0.1)  # right with p 0.9 everywhere
+    root = tmp_path / "runs"
+    write_run(root, "0_map", "map", probs=q, labels=y, metrics={"acc": 0.5})
+    write_run(root, "1_copy", "swag", probs=q, labels=y, metrics={"acc": 0.5})
+    d = write_run(root, "2_good", "laplace", probs=good[::-1], labels=y[::-1], metrics={"acc": 0.9})
+    np.savez(d / "predictions" / "test.npz", probs=good[::-1], labels=y[::-1], ids=np.arange(n)[::-1].astype(str))
+    rows = {r["method"]: r for r in paired_rows(mt.load_runs([root]))}
+    assert len(rows) == 2
+    copy = next(r for r in rows.values() if r["acc"][0] == 0 and r["nll"][0] == 0)
+    assert copy["ece"] == (0.0, 0.0) and copy["nll_verdict"] == copy["ece_verdict"] == copy["acc_verdict"] == "tie"
+    best = next(r for r in rows.values() if r is not copy)
+    nll = -np.log(good[np.arange(n), y]) + np.log(q[np.arange(n), y])
+    assert best["nll"][0] == pytest.approx(nll.mean()) and best["nll"][1] == pytest.approx(nll.std(ddof=1) / np.sqrt(n))
+    assert best["ece"][0] == pytest.approx(100 * (ece(good, y) - ece(q, y)))
+    assert best["acc"][0] == pytest.approx(100 * (1 - np.mean(q.argmax(1) == y)))
+    assert best["acc_verdict"] == best["nll_verdict"] == "better" and best["n"] == n
+    worse = compare(q, good, y)  # the other way round
+    assert worse["nll"][0] == pytest.approx(-nll.mean())
+    assert mt.main([str(root), "--out", str(tmp_path / "t"), "--figures", "none"]) == 0
+    md = (tmp_path / "t" / "paired.md").read_text()
+    assert "minus MAP" in md and md.count("| m | d1 | 0 |") == 2

@@ -16,7 +16,8 @@ entropy, Mahalanobis, AdUE: `errdet_<score>_<metric>`).
 Written to --out: `tables.md` (all tables and the list of missing / failed runs), `tables.tex` (booktabs
 tables; one file per table under `tex/` for \\input), `summary.csv` (long format), and `figures/*.pdf|png`:
 reliability diagrams pooled over seeds from `predictions/<split>.npz`, risk-coverage curves (mean over seeds),
-and accuracy / ECE bar charts with std error bars.
+and accuracy / ECE bar charts with std error bars; and `paired.md`: every method minus MAP (``--vs``) on the same
+test examples, per seed, with the test-set standard error and a better / tie / worse verdict.
 
 A run directory is any folder with `.hydra/` or `results.json`. A run counts as complete when its
 `results.json` parses and either says `"status": "complete"` or has no status but has `metrics`. Runs without
@@ -49,6 +50,21 @@ def write_outputs(runs: list[Run], tables: list[Table], out: Path, split: str = 
     return {**written, "figures": fig_paths, "notes": notes}
 
 
+def _write_paired(runs: list[Run], out: Path, split: str, reference: str) -> Path | None:
+    """``paired.md`` (:mod:`uqlora.results.paired`) when some cell has a ``reference`` run and another method."""
+    from uqlora.results.names import method_names
+    from uqlora.results.paired import paired_markdown, paired_rows
+
+    if reference == "none":
+        return None
+    rows = paired_rows(runs, split, reference)
+    if not rows:
+        return None
+    path = Path(out) / "paired.md"
+    path.write_text(paired_markdown(rows, method_names(runs).get(reference, reference), split))
+    return path
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, like the rest of the project
         print(f"error: {message}", file=sys.stderr)
@@ -71,6 +87,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wandb", default=None, metavar="ENTITY/PROJECT", help="read runs from W&B (needs a login)")
     ap.add_argument("--group", default=None, help="W&B group (default: all runs of the project)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any run is missing, failed or duplicated")
+    ap.add_argument("--vs", default="map", metavar="METHOD",
+                    help="paired.md: every method minus this one on the same examples, with the test-set standard "
+                         "error (default: map; 'none' to skip)")
     args = ap.parse_args(argv)
     try:
         if not args.paths and not args.wandb:
@@ -90,6 +109,7 @@ def main(argv=None) -> int:
         out = args.out or ((args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent) / "tables"
                            if args.paths else Path("tables") / args.wandb.replace("/", "_"))
         written = write_outputs(runs, tables, out, args.split, figures)
+        paired = _write_paired(runs, out, args.split, args.vs)
     except UqloraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -101,4 +121,6 @@ def main(argv=None) -> int:
         print(n)
     print(f"markdown: {written['markdown']}\nlatex: {written['latex']}\ncsv: {written['csv']}\n"
           f"figures: {out / 'figures'}")
+    if paired:
+        print(f"paired differences vs {args.vs}: {paired}")
     return 1 if args.strict and (problems or dups) else 0
