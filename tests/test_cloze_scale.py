@@ -58,9 +58,11 @@ def _run(tmp_path, name, *overrides):
 
 
 def test_map_run_trains_saves_and_exports_the_scale_and_laplace_reuses_it(tmp_path):
-    _, run = _run(tmp_path, "map", "method=map", LEARNED, "optim.lr=0.05", "trainer.max_steps=4")
+    _, run = _run(tmp_path, "map", "method=map", LEARNED, "optim.lr=1e-5", "trainer.max_steps=4")
     s = run.adapter()["log_scale"]
-    assert s.shape == () and s != 0  # trained
+    # trained at its own rate (model.cloze_scale_lr=0.05; Adam moves it by ~that per step, ~1e-5 at the
+    # adapter's), at most the sum of the scheduled rates (warm-up 1 step, then linear decay: 0.05 x 3)
+    assert s.shape == () and 0.02 < abs(float(s)) <= 0.15 + 1e-6
     meta = json.loads((run.adapter_dir / "uqlora_adapter.json").read_text())
     assert meta["cloze_scale"] == "learned"
     again = load_backbone("tiny_llama", data="arc_e", adapter=run.adapter_dir, overrides=[LEARNED]).eval()

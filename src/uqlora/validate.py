@@ -61,6 +61,7 @@ RULES: dict[str, Check] = {
     "model.cloze_norm": one_of("token", "char", "none"),
     "model.cloze_impl": one_of("packed", "separate"),
     "model.cloze_scale": one_of("fixed", "learned"),
+    "model.cloze_scale_lr": POSITIVE,
     "model.kind": one_of("encoder", "causal"),
     "model.source": one_of("hub", "package", "random"),
     "data.val_source": one_of("official", "carve"),

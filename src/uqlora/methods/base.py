@@ -349,7 +349,11 @@ class UQMethod(pl.LightningModule):
         self.after_optimizer_step(optimizer)
 
     def configure_optimizers(self):
-        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad]}]
+        own, own_lr = self.backbone.own_lr_parameters()
+        ids = {id(p) for p in own}
+        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in ids]}]
+        if own:
+            groups.append({"params": own, "lr": float(own_lr), "weight_decay": 0.0})
         extra = self.extra_parameters()
         if extra:
             groups.append({"params": list(extra), "weight_decay": 0.0})

@@ -212,4 +212,5 @@ def build_backbone(mcfg, head: str, num_classes: int, answer_words: list[str] | 
         object.__setattr__(bb, "generation_lm_head", lm_head)  # full vocabulary for free-text generation (not a
         return bb                                              # submodule: its weight is not trained or saved)
     return LMClozeBackbone(transformer, lm_head, num_classes, norm=mcfg.get("cloze_norm", "char"),
-                           impl=mcfg.get("cloze_impl", "packed"), scale=mcfg.get("cloze_scale", "fixed"))
+                           impl=mcfg.get("cloze_impl", "packed"), scale=mcfg.get("cloze_scale", "fixed"),
+                           scale_lr=float(mcfg.get("cloze_scale_lr", 0.05)))

@@ -52,6 +52,11 @@ class Backbone(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         return self.logits(batch)
 
+    def own_lr_parameters(self) -> tuple[list[nn.Parameter], float]:
+        """Trainable parameters that AdamW steps at their own learning rate, without weight decay (on the shared
+        schedule), and that rate: e.g. the learned cloze scale, which the adapter's small rate would barely move."""
+        return [], 0.0
+
     def head_parameters(self) -> tuple[nn.Parameter, nn.Parameter | None] | None:
         """(weight [C, d], bias [C] or None) of the trained linear head whose input is ``head_input``'s
         output, or None when there is no trained head (Laplace treats it as one more KFAC layer)."""

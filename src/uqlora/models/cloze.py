@@ -51,7 +51,7 @@ class LMClozeBackbone(Backbone):
     head_kind = "lm_cloze"
 
     def __init__(self, transformer, lm_head: nn.Linear, num_classes: int, norm: str = "char", impl: str = "packed",
-                 scale: str = "fixed"):
+                 scale: str = "fixed", scale_lr: float = 0.05):
         super().__init__(transformer, num_classes)
         if norm not in NORMS:
             raise ModelError(f"unknown model.cloze_norm '{norm}'; valid choices: {', '.join(NORMS)}")
@@ -60,6 +60,7 @@ class LMClozeBackbone(Backbone):
         # learned: logits = exp(log_scale) * score, a temperature of the choice scores trained with the adapter
         # (saved with it; the Laplace posterior keeps it at its trained value, SWAG samples it with the LoRA weights)
         self.log_scale = nn.Parameter(torch.zeros(())) if scale == "learned" else None
+        self.scale_lr = float(scale_lr)  # AdamW moves log_scale by ~lr per step: its own rate, no weight decay
         if impl not in CLOZE_IMPLS:
             raise ModelError(f"unknown model.cloze_impl '{impl}'; valid choices: {', '.join(CLOZE_IMPLS)}")
         self.norm, self.impl = norm, impl
@@ -81,6 +82,9 @@ class LMClozeBackbone(Backbone):
         if layout != self.impl:
             raise UqloraError(f"a '{layout}' cloze batch reached a model with model.cloze_impl={self.impl}: build the "
                               f"collator / datamodule with cloze_impl='{self.impl}'")
+
+    def own_lr_parameters(self):
+        return ([self.log_scale], self.scale_lr) if self.log_scale is not None else ([], 0.0)
 
     # --- hidden states ------------------------------------------------------------------------------------
     def _hidden(self, batch) -> torch.Tensor:
