@@ -32,8 +32,8 @@ DEMO_LLM_DIR ?= multirun/demo_llm/$(DEMO_STAMP)
 
 demo-llm: install
 	$(OFFLINE) $(PY) train.py -m experiment=demo_llm method=map hydra.sweep.dir=$(DEMO_LLM_DIR)/train
-	$(OFFLINE) $(PY) train.py -m experiment=demo_llm method=laplace,temperature \
-		method.map_run=$(abspath $(DEMO_LLM_DIR))/train/0_map_smollm2_135m_arc_e_s0 hydra.sweep.dir=$(DEMO_LLM_DIR)/posthoc
+	for m in laplace temperature; do $(OFFLINE) $(PY) train.py experiment=demo_llm method=$$m \
+		method.map_run=$(abspath $(DEMO_LLM_DIR))/train/0_map_smollm2_135m_arc_e_s0 hydra.run.dir=$(DEMO_LLM_DIR)/posthoc/$$m || exit 1; done
 	$(PY) experiments/summarize.py $(DEMO_LLM_DIR)/train $(DEMO_LLM_DIR)/posthoc --out $(DEMO_LLM_DIR)/summary.md
 
 # Paper tables + figures from logged runs (experiments/make_tables.py):

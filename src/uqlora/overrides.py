@@ -128,8 +128,24 @@ def check_overrides(argv: list[str], config_name: str = "config", conf_dir: Path
             extra = [f"{k}={v}" for k, v in (hcfg.hydra.sweeper.get("params") or {}).items() if k not in named]
             plan += _plan(parser.parse_overrides(extra), groups, conf_dir) if extra else []
         _compose_all(composer, plan, groups)
+        if multirun:
+            _check_master(composer, plan)
     finally:
         composer.close()
+
+
+def _check_master(composer: _Composer, plan: list[tuple[str, list[str]]]) -> None:
+    """Hydra's multirun first composes one config from the overrides that are not swept (a swept group stays
+    at its default): a key that only the swept options have (``method=laplace,tfb method.map_run=...`` with the
+    default method ``map``) fails there although every job would compose."""
+    master = [k if k.startswith("~") else f"{k}={v[0]}" for k, v in plan if len(v) <= 1 and (v or k.startswith("~"))]
+    try:
+        composer.compose(master)
+    except Exception as e:  # noqa: BLE001
+        swept = ", ".join(k for k, v in plan if len(v) > 1)
+        raise UqloraError(f"with -m, Hydra first composes the non-swept overrides with the default of each swept "
+                          f"group ({swept}) and that fails: {_one_line(e)}; run each option as its own command, or "
+                          f"set the key per job in the experiment's sweep") from None
 
 
 def _plan(parsed, groups: set[str], conf_dir: Path) -> list[tuple[str, list[str]]]:
