@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call, jacrev
 
@@ -605,6 +606,15 @@ def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
     assert len(tried) >= 17 and "prior_at_edge" in res2["train"]["posthoc"]
     with pytest.raises(UqloraError, match="another model config"):
         train(_cfg(tmp_path, "bad", *TINY, f"method.map_run={run}", "model.lora.r=4"))
+    # a source run made before a model key existed (its config lacks it) is still reused; a changed key is not
+    hydra_cfg = run / ".hydra" / "config.yaml"
+    old = OmegaConf.load(hydra_cfg)
+    with open_dict(old):
+        del old.model["cloze_scale_lr"]
+    OmegaConf.save(old, hydra_cfg)
+    train(_cfg(tmp_path, "older", *TINY, f"method.map_run={run}", "method.subset=last_layer"))
+    with pytest.raises(UqloraError, match=r"differs in lora\)"):
+        train(_cfg(tmp_path, "bad2", *TINY, f"method.map_run={run}", "model.lora.r=4"))
 
 
 @pytest.mark.parametrize("bad,match", [

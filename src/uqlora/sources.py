@@ -31,8 +31,12 @@ SAME_SPLITS = ("name", "max_train_samples", "val_size", "calib_size")
 def check_source(cfg: DictConfig, src: RunDir, what: str = "method.map_run") -> DictConfig:
     """The source run's config, checked to have the same model (incl. LoRA and head) and the same data splits."""
     scfg = src.config()
-    if OmegaConf.to_container(scfg.model, resolve=True) != OmegaConf.to_container(cfg.model, resolve=True):
-        diff = sorted(k for k in set(scfg.model) | set(cfg.model) if scfg.model.get(k) != cfg.model.get(k))
+    theirs, ours = (OmegaConf.to_container(c.model, resolve=True) for c in (scfg, cfg))
+    newer = sorted(set(ours) - set(theirs))  # keys added to the model configs after the source run was made
+    if newer:
+        log.info("%s predates model keys %s; comparing the others", what, ", ".join(newer))
+    diff = sorted(k for k in set(theirs) | set(ours) if k not in newer and theirs.get(k) != ours.get(k))
+    if diff:
         raise UqloraError(f"{what} '{src.path}' used another model config (differs in {', '.join(diff)})")
     for key in SAME_SPLITS:
         if scfg.data.get(key) != cfg.data.get(key):
