@@ -349,7 +349,7 @@ class UQMethod(pl.LightningModule):
         self.after_optimizer_step(optimizer)
 
     def configure_optimizers(self):
-        own, own_lr = self.backbone.own_lr_parameters()
+        own, own_lr = getattr(self.backbone, "own_lr_parameters", lambda: ([], 0.0))()  # a plain nn.Module has none
         ids = {id(p) for p in own}
         groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in ids]}]
         if own:
