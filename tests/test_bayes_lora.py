@@ -588,7 +588,9 @@ def test_ddp_counts_the_kl_once_and_finds_the_same_tfb_sigma(tmp_path):
     assert r2["n_anchor"] == r1["n_anchor"] == 16 and r2["sigma"] == r1["sigma"]
     assert r2["search_sigmas"] == r1["search_sigmas"]
     np.testing.assert_allclose(r2["search_changes"], r1["search_changes"], rtol=1e-9)
-    np.testing.assert_allclose(_preds(tmp_path / "tfb2")["samples"], _preds(tmp_path / "tfb1")["samples"], atol=1e-6)
+    # each process groups its own shard by length, so its test batches are padded to other lengths than the single
+    # process's: float32 attention over other pad lengths differs in the last digits (~1e-5), not more
+    np.testing.assert_allclose(_preds(tmp_path / "tfb2")["samples"], _preds(tmp_path / "tfb1")["samples"], atol=2e-4)
 
 
 def test_tfb_bayesianizes_a_blob_runs_mean(tmp_path):
