@@ -75,6 +75,7 @@ def build_logger(cfg, run_dir: Path, choices: Mapping[str, str] | None = None):
         return CSVLogger(save_dir=str(run_dir), name="csv", version="")
     from lightning.pytorch.loggers import WandbLogger
 
+    finish()  # a run still open in this process (an earlier train() in a notebook) would take this run's logs
     mode = wandb_mode(cfg.logger.get("mode", "auto"))
     os.environ.setdefault("WANDB_SILENT", "true")
     choices = dict(choices or {})
