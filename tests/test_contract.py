@@ -36,6 +36,23 @@ OPTIONS = {
     "scalabl": ["method.num_samples=2"],
     "tfb": ["method.num_samples=2", "method.search_iters=2", "method.anchor_size=16"],
 }
+def assert_eval_reproduces(run, out_dir, metrics) -> None:
+    """``eval.py run_dir=<run>`` writes, from the run directory alone, the run's test predictions (floats to 1e-6,
+    the rest exactly) and its test NLL."""
+    ecfg = compose([f"run_dir={run}"], config_name="eval")
+    with open_dict(ecfg):
+        ecfg.print_table = False
+    again, _ = evaluate_run(ecfg, RunContext(out_dir))
+    first, second = RunDir(run).predictions("test"), RunDir(out_dir).predictions("test")
+    assert set(first) == set(second)
+    for key in first:
+        if first[key].dtype.kind == "f":
+            np.testing.assert_allclose(second[key], first[key], atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(second[key], first[key], err_msg=key)
+    assert again["test"]["nll"] == pytest.approx(metrics["test"]["nll"], abs=1e-6)
+
+
 NEEDS_MAP_RUN = {"ual": "method.teacher_run", "tfb": "method.map_run"}
 
 
@@ -75,21 +92,9 @@ def test_method_contract(tmp_path, map_run, name):
     run = objs["run_dir"]
     assert (run / "checkpoints" / "adapter.pt").is_file() or (run / "members" / "0" / "checkpoints" / "adapter.pt").is_file()
     _save_hydra(cfg, run)
-    first = RunDir(run).predictions("test")
 
     # eval.py: the run directory alone reproduces the predictions (adapters + saved method states, no refit)
-    ecfg = compose([f"run_dir={run}"], config_name="eval")
-    with open_dict(ecfg):
-        ecfg.print_table = False
-    again, eobjs = evaluate_run(ecfg, RunContext(tmp_path / "eval"))
-    second = RunDir(tmp_path / "eval").predictions("test")
-    assert set(first) == set(second)
-    for key in first:
-        if first[key].dtype.kind == "f":
-            np.testing.assert_allclose(second[key], first[key], atol=1e-6, err_msg=key)
-        else:
-            np.testing.assert_array_equal(second[key], first[key], err_msg=key)
-    assert again["test"]["nll"] == pytest.approx(metrics["test"]["nll"], abs=1e-6)
+    assert_eval_reproduces(run, tmp_path / "eval", metrics)
 
     # a checkpoint of another model (another LoRA rank) is refused in one line
     other = _cfg(tmp_path, "other", f"method={name}", *extra, "model.lora.r=4")

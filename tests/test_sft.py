@@ -11,6 +11,7 @@ from omegaconf import open_dict
 from torch.nn import functional as F
 
 from conftest import compose
+from test_contract import assert_eval_reproduces
 from test_swag import _save_hydra
 from uqlora.core.sft import row_weights, token_scores
 from uqlora.core.ual import map_uncertainty
@@ -310,10 +311,6 @@ def teacher(tmp_path_factory):
 
 
 def test_ual_with_a_teacher_on_mixed_data_and_eval_reproduces_it(tmp_path, teacher):
-    from uqlora.context import RunContext
-    from uqlora.rundir import RunDir
-    from uqlora.tasks import evaluate_run
-
     tm, tdir = teacher
     test = tm["test"]
     assert {"nll", "acc", "ece", "brier", "n_tokens"} <= set(test) and test["n_tokens"] > 0
@@ -329,18 +326,7 @@ def test_ual_with_a_teacher_on_mixed_data_and_eval_reproduces_it(tmp_path, teach
     _, run2 = _train(_cfg(tmp_path, "ual2", *args))  # the second run reads the cache
     assert json.loads((run2 / "results.json").read_text())["train"]["posthoc"]["teacher_cache_hit"] is True
     # eval.py: the run directory alone gives the same token scores and answers
-    ecfg = compose([f"run_dir={run}"], config_name="eval")
-    with open_dict(ecfg):
-        ecfg.print_table = False
-    again, _ = evaluate_run(ecfg, RunContext(tmp_path / "eval"))
-    first, second = RunDir(run).predictions("test"), RunDir(tmp_path / "eval").predictions("test")
-    assert set(first) == set(second)
-    for key in first:
-        if first[key].dtype.kind == "f":
-            np.testing.assert_allclose(second[key], first[key], atol=1e-6, err_msg=key)
-        else:
-            np.testing.assert_array_equal(second[key], first[key], err_msg=key)
-    assert again["test"]["nll"] == pytest.approx(metrics["test"]["nll"], abs=1e-6)
+    assert_eval_reproduces(run, tmp_path / "eval", metrics)
 
 
 @pytest.mark.parametrize("method,extra", [
