@@ -49,6 +49,7 @@ from uqlora.core.kfac import (KFACResult, add_to_factors, capture, check_eval_mo
 from uqlora.core.laplace import KronPosterior  # noqa: E402
 from uqlora.core.laplace_prior import select_on_grid  # noqa: E402
 from uqlora.metrics import ece as ece_metric  # noqa: E402
+from uqlora.models.base import param_groups  # noqa: E402
 from uqlora.build import setup  # noqa: E402
 
 GRID = [10.0 ** (k / 4) for k in range(-16, 17)]  # 1e-4 .. 1e4, quarter decades
@@ -66,10 +67,10 @@ def quality(probs: np.ndarray, y: np.ndarray) -> dict:
 
 
 def train_map(method, dm, epochs: int, lr: float, wd: float, warmup: float = 0.06) -> float:
-    """AdamW, linear warm-up then linear decay to 0, dropout on; returns the seconds."""
+    """AdamW (the backbone's own-rate parameters in their own group, as training does), linear warm-up then
+    linear decay to 0, dropout on; returns the seconds."""
     bb = method.backbone.train()
-    params = [p for p in bb.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    opt = torch.optim.AdamW(param_groups(bb), lr=lr, weight_decay=wd)
     total = epochs * len(dm.loader("train", shuffle=True))
     warm = max(1, int(round(warmup * total)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from uqlora.core.scores import entropy_of_logits
 from uqlora.core.sft import row_weights, token_scores
 from uqlora.errors import UqloraError
+from uqlora.models.base import param_groups
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor = 0.0,
@@ -349,11 +350,7 @@ class UQMethod(pl.LightningModule):
         self.after_optimizer_step(optimizer)
 
     def configure_optimizers(self):
-        own, own_lr = getattr(self.backbone, "own_lr_parameters", lambda: ([], 0.0))()  # a plain nn.Module has none
-        ids = {id(p) for p in own}
-        groups = [{"params": [p for p in self.backbone.parameters() if p.requires_grad and id(p) not in ids]}]
-        if own:
-            groups.append({"params": own, "lr": float(own_lr), "weight_decay": 0.0})
+        groups = param_groups(self.backbone)
         extra = self.extra_parameters()
         if extra:
             groups.append({"params": list(extra), "weight_decay": 0.0})

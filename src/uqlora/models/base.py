@@ -10,6 +10,18 @@ from uqlora.errors import UqloraError
 MASKED_LOGIT = -1e9
 
 
+def param_groups(backbone: nn.Module) -> list[dict]:
+    """AdamW parameter groups of a backbone's trainable parameters: the adapter (+ head) at the optimiser's rate,
+    and the backbone's own-rate parameters (``own_lr_parameters``, e.g. the learned cloze scale) at their rate
+    without weight decay. A plain ``nn.Module`` (test doubles) has no own-rate parameters."""
+    own, own_lr = getattr(backbone, "own_lr_parameters", lambda: ([], 0.0))()
+    ids = {id(p) for p in own}
+    groups = [{"params": [p for p in backbone.parameters() if p.requires_grad and id(p) not in ids]}]
+    if own:
+        groups.append({"params": own, "lr": float(own_lr), "weight_decay": 0.0})
+    return groups
+
+
 def _last_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-pad token of each row (right padding)."""
     return attention_mask.long().sum(1).clamp(min=1) - 1
