@@ -5,13 +5,16 @@ side by side with the laplace-torch library (KronLaplace) on the same MAP model 
   (target <= 1.5x: one forward + one backward per batch is the floor);
 * GLM probit predictive time over the test set relative to one MAP forward pass over it (target <= C + 2);
 * posterior memory relative to the number of LoRA (+ head) parameters;
-* test ACC / ECE / NLL of MAP, of the Laplace predictive with prior precision 1 and tuned by the evidence,
-  for our KFAC-expand (the default, also the peer's) and KFAC-reduce factors, and the agreement of the two
+* test ACC / ECE / NLL of MAP, of the Laplace predictive with prior precision 1, tuned by the evidence and
+  tuned by the validation NLL (the default, ``method.prior.method=val_nll``: ours on the config's grid, widened
+  at its ends; laplace-torch's ``gridsearch`` on the same 17 values, one validation sentence per call), for
+  our KFAC-expand (the default, also the peer's) and KFAC-reduce factors, and the agreement of the two
   libraries' predictives (same MAP weights, KFAC-expand both, same prior precision);
 * per quality cell, ours - laplace-torch on the same test sentences (paired): the difference and its
   test-set standard error (NLL: of the per-sentence differences; ECE: 200 paired bootstrap resamples).
 
-    python benchmarks/laplace_cost.py [--epochs 15] [--seeds 0 1 2] [--train 1000] [--test 500] [--out results.json]
+    python benchmarks/laplace_cost.py [--epochs 15] [--seeds 0 1 2] [--train 1000] [--val 500] [--test 500]
+        [--out results.json]
 
 With several seeds (one MAP model each) it also prints mean +- std over seeds and, per quality cell, the paired
 difference ours - laplace-torch: its mean, a 95% t-interval over the seeds, the number of seeds on which ours
@@ -42,6 +45,7 @@ from uqlora.core.kfac import fit_kfac  # noqa: E402
 from uqlora.core.laplace import KronPosterior  # noqa: E402
 from uqlora.metrics import ece as ece_metric  # noqa: E402
 from uqlora.metrics import evaluate_predictions  # noqa: E402
+from uqlora.models.base import param_groups  # noqa: E402
 from uqlora.build import setup  # noqa: E402
 
 
@@ -53,8 +57,7 @@ def _quality(probs, labels) -> dict:
 def train_map(method, dm, epochs: int, lr: float, wd: float) -> list[float]:
     """Plain AdamW MAP training (linear decay), dropout active; returns the seconds of each epoch."""
     bb = method.backbone.train()
-    params = [p for p in bb.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    opt = torch.optim.AdamW(param_groups(bb), lr=lr, weight_decay=wd)
     total = epochs * len(dm.loader("train", shuffle=True))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total))
     times = []
@@ -85,6 +88,7 @@ def map_forward(bb, loader):
 
 
 def ours_predict(method, loader):
+    method.fitted = True  # the posterior was set here, not by the method's own fit
     method.on_predict_start()
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -92,7 +96,8 @@ def ours_predict(method, loader):
     return torch.cat(probs).numpy(), time.perf_counter() - t0
 
 
-CELLS = [(k, m) for k in ("prior1", "marglik") for m in ("ece", "nll")]
+PRIORS = ("prior1", "marglik", "val_nll")
+CELLS = [(k, m) for k in PRIORS for m in ("ece", "nll")]
 VARIANTS = ("ours_expand", "ours_reduce", "laplace_torch")
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -117,6 +122,7 @@ def run_seed(args, seed: int) -> dict:
     torch.manual_seed(seed)
     cfg = compose([f"model={args.model}", f"data={args.data}", "method=laplace", "logger=none", "progress_bar=none",
                    f"seed={seed}", f"data.max_train_samples={args.train}", f"data.max_test_samples={args.test}",
+                   f"data.max_val_samples={args.val}", "method.prior.method=val_nll", "method.prior.search=grid",
                    *([f"method.lowrank_threshold={args.lowrank_threshold}"] if args.lowrank_threshold else []),
                    *([f"method.n_kfac={args.n_kfac}"] if args.n_kfac else [])])
     method, dm = setup(cfg)
@@ -124,7 +130,7 @@ def run_seed(args, seed: int) -> dict:
     P = sum(p.numel() for p in bb.parameters() if p.requires_grad)
     C = bb.num_classes
     print(f"seed {seed}: {args.model} + LoRA on {args.data}: {len(dm.records['train'])} train / "
-          f"{len(dm.records['test'])} test, {P} LoRA+head params, C={C}, torch threads {torch.get_num_threads()}",
+          f"{len(dm.records['val'])} val / {len(dm.records['test'])} test, {P} LoRA+head params, C={C}, torch threads {torch.get_num_threads()}",
           flush=True)
     epoch_s = train_map(method, dm, args.epochs, args.lr, float(cfg.optim.weight_decay))
     epoch = float(np.median(epoch_s))
@@ -150,14 +156,22 @@ def run_seed(args, seed: int) -> dict:
         post.optimize_marglik(steps=int(cfg.method.prior.steps), lr=float(cfg.method.prior.lr))
         ml = time.perf_counter() - t0
         p_ml, _ = ours_predict(method, test)
+        marglik = {"prior": round(float(post.prior_precision[0]), 4),
+                   "log_evidence": round(float(post.log_marginal_likelihood()), 2), **_quality(p_ml, y)}
+        t0 = time.perf_counter()
+        method.tuning = {}
+        method._tune_val_nll(dm, "cpu")  # the method's own val_nll grid search (config grid, widened at its ends)
+        vn = time.perf_counter() - t0
+        p_vn, _ = ours_predict(method, test)
         out[f"ours_{approx}"] = {
             "fit_s": round(fit, 3), "fit_x_epoch": round(fit / epoch, 3), "marglik_s": round(ml, 3),
+            "val_nll_s": round(vn, 3),
             "predict_s": round(pred, 3), "predict_x_forward": round(pred / fwd, 3),
             "memory_x_params": round(post.memory_floats() / P, 3),
-            "prior1": _quality(q, y), "marglik": {"prior": round(float(post.prior_precision[0]), 4),
-                                                  "log_evidence": round(float(post.log_marginal_likelihood()), 2),
-                                                  **_quality(p_ml, y)}}
-        probs[f"ours_{approx}"] = {"prior1": q, "marglik": p_ml}
+            "prior1": _quality(q, y), "marglik": marglik,
+            "val_nll": {"prior": round(float(post.prior_precision[0]), 4),
+                        "at_edge": method.tuning.get("prior_at_edge"), **_quality(p_vn, y)}}
+        probs[f"ours_{approx}"] = {"prior1": q, "marglik": p_ml, "val_nll": p_vn}
         if approx == "expand":
             p1 = q  # the peer's default is KFAC-expand: compare predictives on equal terms
     out["ours"] = out[f"ours_{default_approx}"]
@@ -170,6 +184,15 @@ def run_seed(args, seed: int) -> dict:
             q1, _, peer_pred = peer_predict(la, test, "probit", chunk_size=args.peer_chunk)
             la_ml, _ = fit_peer(bb, train, prior="marglik")
             q_ml, _, _ = peer_predict(la_ml, test, "probit", chunk_size=args.peer_chunk)
+            grid = [float(g) for g in cfg.method.prior.grid]
+            val1 = [{k: v[i:i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(b["labels"]) else v
+                     for k, v in b.items()} for b in dm.loader("val") for i in range(len(b["labels"]))]
+            t0 = time.perf_counter()  # the library's grid search, on the same values (its fastest path: batch 1)
+            la.optimize_prior_precision(pred_type="glm", method="gridsearch", val_loader=val1, link_approx="probit",
+                                        log_prior_prec_min=float(np.log10(grid[0])),
+                                        log_prior_prec_max=float(np.log10(grid[-1])), grid_size=len(grid))
+            peer_vn = time.perf_counter() - t0
+            q_vn, _, _ = peer_predict(la, test, "probit", chunk_size=args.peer_chunk)
             out["laplace_torch"] = {
                 "fit_s": round(peer_fit, 3), "fit_x_epoch": round(peer_fit / epoch, 3),
                 "predict_s": round(peer_pred, 3), "predict_x_forward": round(peer_pred / fwd, 3),
@@ -177,12 +200,14 @@ def run_seed(args, seed: int) -> dict:
                 "marglik": {"prior": round(float(torch.as_tensor(la_ml.prior_precision).flatten()[0]), 4),
                             "log_evidence": round(float(la_ml.log_marginal_likelihood()), 2),
                             **_quality(q_ml, y)},
+                "val_nll": {"prior": round(float(torch.as_tensor(la.prior_precision).flatten()[0]), 4),
+                            "search_s": round(peer_vn, 3), **_quality(q_vn, y)},
                 "agreement_prior1": {"max_abs": round(float(np.abs(q1 - p1).max()), 4),
                                      "mean_abs": round(float(np.abs(q1 - p1).mean()), 5),
                                      "argmax_agree": round(float((q1.argmax(1) == p1.argmax(1)).mean()), 4)}}
             for v, pv in probs.items():  # paired on the same test sentences, with test-set standard errors
-                out[v]["minus_peer"] = {key: paired(pv[key], {"prior1": q1, "marglik": q_ml}[key], y)
-                                        for key in ("prior1", "marglik")}
+                out[v]["minus_peer"] = {key: paired(pv[key], {"prior1": q1, "marglik": q_ml, "val_nll": q_vn}[key], y)
+                                        for key in PRIORS}
         except ImportError as e:
             print(f"laplace-torch side skipped: {e}")
     return out
@@ -206,7 +231,7 @@ def print_table(out: dict, title: str) -> None:
             mp = out[v]["minus_peer"]
             print(f"{v} - laplace-torch (test-set s.e.): " + "  ".join(
                 f"{key}: ECE {mp[key]['ece']:+.2f} pt ({mp[key]['ece_se']:.2f}), NLL {mp[key]['nll']:+.4f} "
-                f"({mp[key]['nll_se']:.4f})" for key in ("prior1", "marglik")))
+                f"({mp[key]['nll_se']:.4f})" for key in PRIORS))
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -226,6 +251,7 @@ def summarize(runs: list[dict]) -> dict:
         for key, m in CELLS:
             summ[v][f"{key}_{m}"] = stats([r[v][key][m] for r in runs])
         summ[v]["marglik_prior"] = stats([r[v]["marglik"]["prior"] for r in runs])
+        summ[v]["val_nll_prior"] = stats([r[v]["val_nll"]["prior"] for r in runs])
         if v != "laplace_torch" and all("laplace_torch" in r for r in runs):
             for key, m in CELLS:
                 d = [r[v][key][m] - r["laplace_torch"][key][m] for r in runs]
@@ -251,8 +277,9 @@ def print_summary(summ: dict) -> None:
     for key, m in CELLS:
         print(f"{'test ' + m.upper() + ' (' + key + ')':<40}" + "".join(
             f"{summ[v][f'{key}_{m}']['mean']:>14.4f} +- {summ[v][f'{key}_{m}']['std']:.4f}" for v in present))
-    print(f"{'marglik prior precision':<40}" + "".join(
-        f"{summ[v]['marglik_prior']['mean']:>14.2f} +- {summ[v]['marglik_prior']['std']:.2f}" for v in present))
+    for key in ("marglik", "val_nll"):
+        print(f"{key + ' prior precision':<40}" + "".join(
+            f"{summ[v][key + '_prior']['mean']:>14.2f} +- {summ[v][key + '_prior']['std']:.2f}" for v in present))
     if "laplace_torch" in summ:
         print("\nours - laplace-torch, paired by seed (negative = ours better): mean +- std, 95% t-interval over the "
               "seeds, [seeds where ours is at least as good], verdict:")
@@ -268,6 +295,7 @@ def main() -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--data", default="sst2")
     ap.add_argument("--train", type=int, default=1000)
+    ap.add_argument("--val", type=int, default=500, help="validation sentences for the val_nll prior search")
     ap.add_argument("--test", type=int, default=500)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0],

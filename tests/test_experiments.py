@@ -77,7 +77,9 @@ def test_laplace_lora_paper_settings():
     assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_ratio) == (5e-5, 0.0, 0.0)
     assert (cfg.data.batch_size, cfg.data.max_length, cfg.data.max_train_samples) == (4, 300, None)
     assert (cfg.trainer.max_steps, cfg.trainer.gradient_clip_val, cfg.train.restore_best) == (10000, 0.5, False)
-    assert cfg.trainer.accelerator == "gpu" and cfg.method.prior.method == "marglik"
+    assert cfg.trainer.accelerator == "gpu" and cfg.method.prior.method == "val_nll"  # the repository default
+    paper = compose(["experiment=laplace_lora", "method=laplace", "method.prior.method=marglik"])  # the paper's prior
+    assert paper.method.prior.method == "marglik"
     ll = compose(["experiment=laplace_lora", "method=laplace_ll"]).method
     assert ll.name == "laplace" and ll.subset == "last_layer"
     cpu = compose(["experiment=laplace_lora_cpu", "method=laplace_ll", "data=arc_c"])

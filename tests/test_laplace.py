@@ -572,7 +572,7 @@ TINY = ["model=tiny_bert", "method=laplace", "trainer.max_steps=6", "data.max_tr
 
 
 def test_laplace_run_eval_reuses_posterior_and_map_run(tmp_path, monkeypatch):
-    cfg = _cfg(tmp_path, "lap", *TINY, "method.lowrank_threshold=16", "method.n_kfac=4")
+    cfg = _cfg(tmp_path, "lap", *TINY, "method.lowrank_threshold=16", "method.n_kfac=4", "method.prior.method=marglik")
     m, objs = train(cfg)
     run = objs["run_dir"]
     _save_hydra(cfg, run)
@@ -666,7 +666,8 @@ def test_benchmark_summary_pairs_seeds_with_the_peer():
     def run(seed, ours_ece, peer_ece, nll):
         q = lambda ece, n: {"acc": 0.8, "ece": ece, "nll": n}  # noqa: E731
         cost = {"fit_x_epoch": 1.0 + seed, "predict_x_forward": 3.0, "memory_x_params": 49.0}
-        side = lambda ece: {**cost, "prior1": q(ece, nll), "marglik": {"prior": 10.0 + seed, **q(ece, nll)}}  # noqa: E731
+        side = lambda ece: {**cost, "prior1": q(ece, nll), "marglik": {"prior": 10.0 + seed, **q(ece, nll)},  # noqa: E731
+                            "val_nll": {"prior": 30.0 + seed, **q(ece, nll)}}
         return {"setup": {"seed": seed}, "map": q(0.1, 0.6), "ours_reduce": side(ours_ece),
                 "ours_expand": side(ours_ece + 0.05), "laplace_torch": side(peer_ece)}
 
@@ -677,7 +678,8 @@ def test_benchmark_summary_pairs_seeds_with_the_peer():
     assert d["mean"] == 0.0 and d["std"] == round(0.02 * 2 ** -0.5, 4) and d["ours_at_least_as_good"] == 1
     assert summ["ours_reduce"]["marglik_nll_minus_peer"]["ours_at_least_as_good"] == 2   # equal counts as good
     assert summ["ours_expand"]["marglik_ece_minus_peer"]["ours_at_least_as_good"] == 0
-    assert summ["laplace_torch"]["marglik_prior"]["mean"] == 10.5
+    assert summ["laplace_torch"]["marglik_prior"]["mean"] == 10.5 and summ["laplace_torch"]["val_nll_prior"]["mean"] == 30.5
+    assert summ["ours_reduce"]["val_nll_ece_minus_peer"]["ours_at_least_as_good"] == 1
     assert "prior1_ece_minus_peer" not in summ["laplace_torch"]
     # 95% t-interval over the seeds (t_1 = 12.706): differences -0.01 / +0.01 -> a tie
     assert d["ci95"] == pytest.approx([-12.706 * 0.01, 12.706 * 0.01], abs=2e-4) and d["verdict"] == "tie"

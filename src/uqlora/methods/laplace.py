@@ -3,8 +3,8 @@ approximation over the LoRA (+ head) weights of a MAP fine-tuned model.
 
 Stages: MAP training (or the adapter of a finished run, ``method.map_run=<run dir>``) -> KFAC factors over
 the ``fit_split`` (train; never test) in eval mode, under DDP one shard per process summed across processes
--> prior precision (``prior.method``: ``marglik`` the
-evidence, ``val_nll`` the predictive NLL on ``prior.split`` by grid or gradient search, ``fixed``) ->
+-> prior precision (``prior.method``: ``val_nll``, the default, the predictive NLL on ``prior.split`` by grid
+or gradient search; ``marglik`` the evidence, as the paper; ``fixed``) ->
 predictive: linearised GLM (``link``: probit | mc | bridge) or NN sampling (``pred_type=nn``).
 
 ``subset=all`` covers every LoRA A/B matrix and the trained head; ``subset=last_layer`` the head only
@@ -84,7 +84,7 @@ class Link(Choice):
 
 @dataclass
 class PriorConfig:
-    method: PriorMethod = PriorMethod.marglik  # marglik | val_nll | fixed
+    method: PriorMethod = PriorMethod.val_nll  # val_nll | marglik (the paper's) | fixed
     structure: Structure = Structure.scalar    # scalar | layerwise (one precision per layer)
     init: float = positive(1.0)                # starting value (the value itself for method=fixed)
     split: Split = Split.val                   # val_nll: the split whose NLL is minimised
