@@ -307,6 +307,26 @@ def summary_rows(runs: list[dict]) -> list[str]:
     return lines
 
 
+def markdown_rows(runs: list[dict]) -> list[str]:
+    """The docs' table: per (run, KFAC definition) test ECE % / NLL / mean confidence of MAP and of the GLM
+    probit predictive at the evidence's scalar prior, the layerwise evidence and the validation-NLL prior, and
+    the LoRA layers' curvature scale (trace of the KFAC block / trace of the exact GGN, A and B)."""
+    def cell(q):
+        return f"{100 * q['ece']:.1f} / {q['nll']:.3f} / {q['conf']:.2f}"
+    lines = ["| model, data, seed (C, train) | KFAC | MAP | marglik: prior, ECE / NLL / conf | layerwise marglik |"
+             " val_nll: prior, ECE / NLL / conf | tr KFAC / tr GGN: A, B |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        st = r["setup"]
+        for key in [k for k in r if isinstance(r[k], dict) and "marglik" in r[k]]:
+            x, tr = r[key], r[key]["trace_ratio_to_ggn"]
+            edge = " (edge)" if x.get("val_best_at_edge") else ""
+            lines.append(f"| {st['model']} {st['data']} s{st['seed']} (C={st['classes']}, {st['train']}) | {key} | "
+                         f"{cell(r['map'])} | {x['marglik']['prior'][0]:.3g}: {cell(x['marglik'])} | "
+                         f"{cell(x['marglik_layerwise'])} | {x['val_nll']['prior'][0]:.3g}{edge}: {cell(x['val_nll'])} | "
+                         f"{tr.get('lora_A', float('nan')):.2f}, {tr.get('lora_B', float('nan')):.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="minilm")
@@ -325,10 +345,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--summarize", nargs="+", default=None, metavar="JSON",
                     help="print the summary of finished --out files instead of running")
+    ap.add_argument("--markdown", action="store_true", help="with --summarize: the docs' markdown table")
     args = ap.parse_args()
     if args.summarize:
-        for f in args.summarize:
-            print("\n".join(summary_rows(json.loads(Path(f).read_text())["runs"])))
+        runs = [r for f in args.summarize for r in json.loads(Path(f).read_text())["runs"]]
+        print("\n".join(markdown_rows(runs) if args.markdown else summary_rows(runs)))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
