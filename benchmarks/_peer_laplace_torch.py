@@ -116,6 +116,15 @@ def fit_peer(backbone, train_loader, prior: str = "fixed", prior_precision: floa
     return la, fit_s + marglik_s
 
 
+def batch_chunks(batch: dict, step: int) -> list[dict]:
+    """``batch`` split into consecutive batches of at most ``step`` rows (per-row tensors sliced, the rest kept)."""
+    import torch
+
+    n = int(batch["labels"].shape[0])
+    return [{k: (v[i:i + step] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v)
+             for k, v in batch.items()} for i in range(0, n, step)]
+
+
 def peer_predict(la, loader, link: str = "probit", *, n_samples: int = 100,
                  chunk_size: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """GLM predictive ``la(batch, pred_type="glm", link_approx=link)`` over ``loader``.
@@ -133,10 +142,7 @@ def peer_predict(la, loader, link: str = "probit", *, n_samples: int = 100,
     t0 = time.perf_counter()
     for batch in loader:
         n = int(batch["labels"].shape[0])
-        step = n if not chunk_size else int(chunk_size)
-        for i in range(0, n, step):
-            x = {k: (v[i:i + step] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v)
-                 for k, v in batch.items()}
+        for x in batch_chunks(batch, n if not chunk_size else int(chunk_size)):
             p = la(x, pred_type="glm", link_approx=link, n_samples=n_samples)
             probs.append(p.detach().cpu().double())
             labels.append(x["labels"].cpu())

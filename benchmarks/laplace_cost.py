@@ -130,7 +130,8 @@ def run_seed(args, seed: int) -> dict:
     P = sum(p.numel() for p in bb.parameters() if p.requires_grad)
     C = bb.num_classes
     print(f"seed {seed}: {args.model} + LoRA on {args.data}: {len(dm.records['train'])} train / "
-          f"{len(dm.records['val'])} val / {len(dm.records['test'])} test, {P} LoRA+head params, C={C}, torch threads {torch.get_num_threads()}",
+          f"{len(dm.records['val'])} val / {len(dm.records['test'])} test, {P} LoRA+head params, C={C}, "
+          f"torch threads {torch.get_num_threads()}",
           flush=True)
     epoch_s = train_map(method, dm, args.epochs, args.lr, float(cfg.optim.weight_decay))
     epoch = float(np.median(epoch_s))
@@ -178,15 +179,14 @@ def run_seed(args, seed: int) -> dict:
 
     if args.peer == "auto":
         try:
-            from _peer_laplace_torch import fit_peer, peer_memory_floats, peer_predict
+            from _peer_laplace_torch import batch_chunks, fit_peer, peer_memory_floats, peer_predict
 
             la, peer_fit = fit_peer(bb, train, prior="fixed", prior_precision=1.0)
             q1, _, peer_pred = peer_predict(la, test, "probit", chunk_size=args.peer_chunk)
             la_ml, _ = fit_peer(bb, train, prior="marglik")
             q_ml, _, _ = peer_predict(la_ml, test, "probit", chunk_size=args.peer_chunk)
             grid = [float(g) for g in cfg.method.prior.grid]
-            val1 = [{k: v[i:i + 1] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == len(b["labels"]) else v
-                     for k, v in b.items()} for b in dm.loader("val") for i in range(len(b["labels"]))]
+            val1 = [x for b in dm.loader("val") for x in batch_chunks(b, 1)]
             t0 = time.perf_counter()  # the library's grid search, on the same values (its fastest path: batch 1).
             # Its default loss, a torchmetrics RunningNLLMetric, is never reset between grid values (laplace-torch
             # 0.3, utils.validate), so it scores each value by the mean NLL of all values tried so far and picks
