@@ -81,6 +81,7 @@ def _train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir: RunDir, timing
     restored = want_best and ckpt.restore_best(method)
     if want_best and not restored:
         log.warning("no validation ran during training; reporting the final adapter")
-    return {**info, "steps": int(trainer.global_step), "best_val_loss": ckpt.best if ckpt.best_step >= 0 else None,
+    history = next((c.history for c in trainer.callbacks if isinstance(c, CalibrationCallback)), [])
+    return {**info, "steps": int(trainer.global_step), "val_history": history, "best_val_loss": ckpt.best if ckpt.best_step >= 0 else None,
             "best_step": ckpt.best_step if ckpt.best_step >= 0 else None, "restored_best": bool(restored),
             "final_train_loss": float(trainer.callback_metrics.get("train/loss_epoch", float("nan")))}
