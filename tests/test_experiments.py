@@ -18,7 +18,7 @@ from conftest import CONF, ROOT, compose
 from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
-    "laplace_lora": 144, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "laplace_lora": 144, "laplace_lora_cpu": 180, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
     "ual_sft_cpu": 9, "bayes_lora_cpu": 12,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -83,8 +83,9 @@ def test_laplace_lora_paper_settings():
     ll = compose(["experiment=laplace_lora", "method=laplace_ll"]).method
     assert ll.name == "laplace" and ll.subset == "last_layer"
     cpu = compose(["experiment=laplace_lora_cpu", "method=laplace_ll", "data=arc_c"])
-    assert cpu.model.name == "smollm2_135m" and cpu.data.max_train_samples == 128 and cpu.data.max_test_samples == 100
-    assert cpu.trainer.accelerator == "cpu"
+    assert cpu.model.name == "smollm2_135m" and cpu.data.max_train_samples == 400 and cpu.data.max_test_samples == 500
+    assert cpu.trainer.accelerator == "cpu" and cpu.trainer.max_epochs == 5 and cpu.model.cloze_scale == "learned"
+    assert cpu.train.reuse_map and not cpu.train.restore_best  # post-hoc methods on the cell's MAP run; fixed budget
 
 
 def test_swag_lora_and_adue_settings():
@@ -139,6 +140,44 @@ def test_multirun_run_dirs_name_the_method_option(tiny_sweep):
     res = json.loads((tiny_sweep / "1_laplace_ll_tiny_llama_sst2_s0" / "results.json").read_text())
     assert res["method"] == "laplace" and res["config"]["method"]["subset"] == "last_layer"
     assert res["config"]["experiment_name"] == "laplace_lora_cpu"
+    # train.reuse_map (the suite's setting): LLLA starts from its own seed's MAP run of the sweep, untrained
+    for llla, map_dir in (("1_laplace_ll_tiny_llama_sst2_s0", "0_map_tiny_llama_sst2_s0"),
+                          ("3_laplace_ll_tiny_llama_sst2_s1", "2_map_tiny_llama_sst2_s1")):
+        res = json.loads((tiny_sweep / llla / "results.json").read_text())
+        assert res["train"]["map_run"] == str((tiny_sweep / map_dir).resolve()) and "steps" not in res["train"]
+        assert res["config"]["method"]["map_run"] == res["train"]["map_run"] and "fit" not in res["timings"]
+
+
+def test_reuse_map_finds_exactly_one_map_run_of_the_cell(tmp_path):
+    """train.reuse_map: the MAP run of the same seed / data / splits in the sweep folder; none or two: one line."""
+    from uqlora.errors import UqloraError
+    from uqlora.sources import SAME_SPLITS, sweep_map_run
+
+    cfg = compose(["experiment=laplace_lora_cpu", "method=laplace", "data=sst2", "seed=1"])
+
+    def run(name, method, seed, data="sst2", n=cfg.data.max_train_samples):
+        d = tmp_path / name
+        d.mkdir()
+        splits = {**{k: cfg.data.get(k) for k in SAME_SPLITS}, "name": data, "max_train_samples": n}
+        rcfg = {"seed": seed, "model": {"name": "smollm2_135m"}, "data": splits}
+        (d / "results.json").write_text(json.dumps({"status": "complete", "method": method, "metrics": {}, "config": rcfg}))
+
+    with pytest.raises(UqloraError, match=r"no finished MAP run of model=smollm2_135m data=sst2 seed=1 in .*; valid: a sweep"):
+        sweep_map_run(cfg.copy(), tmp_path / "me")
+    run("0_map_s0", "map", 0)
+    run("1_laplace_s1", "laplace", 1)
+    run("2_map_s1_arc", "map", 1, data="arc_e")
+    run("3_map_s1_other_size", "map", 1, n=64)
+    run("4_map_s1", "map", 1)
+    got = cfg.copy()
+    assert sweep_map_run(got, tmp_path / "me") == str(tmp_path / "4_map_s1") == got.method.map_run
+    run("5_map_s1_again", "map", 1)
+    with pytest.raises(UqloraError, match="2 finished MAP runs of .* \\(4_map_s1, 5_map_s1_again\\); valid: method.map_run="):
+        sweep_map_run(cfg.copy(), tmp_path / "me")
+    given = compose(["experiment=laplace_lora_cpu", "method=laplace", "method.map_run=/x"])
+    assert sweep_map_run(given, tmp_path / "me") is None and given.method.map_run == "/x"  # an explicit source wins
+    assert sweep_map_run(compose(["experiment=laplace_lora_cpu", "method=map"]), tmp_path / "me") is None
+    assert sweep_map_run(compose(["method=laplace"]), tmp_path / "me") is None  # off by default
 
 
 def test_expected_jobs_are_the_jobs_the_sweep_launched(tiny_sweep):

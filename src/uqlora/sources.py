@@ -47,6 +47,41 @@ def check_source(cfg: DictConfig, src: RunDir, what: str = "method.map_run") -> 
     return scfg
 
 
+def sweep_map_run(cfg: DictConfig, run_dir: str | Path) -> str | None:
+    """``train.reuse_map=true``: a method that can start from a finished run (its config has ``map_run``, left
+    unset) takes the MAP run of the same cell -- same model, dataset, data splits and seed -- from its own
+    sweep folder (the run directory's parent) instead of training that MAP model again. Sets
+    ``cfg.method.map_run`` and returns it; None when it does not apply. A sweep lists ``method=map`` before
+    the post-hoc methods (Hydra runs a sweep's jobs in order), so the MAP run is finished when they start."""
+    from uqlora.rundir import is_complete
+
+    if not (cfg.get("train") or {}).get("reuse_map") or "map_run" not in cfg.method or cfg.method.get("map_run"):
+        return None
+    here = Path(run_dir).resolve()
+    found = []
+    for d in sorted(p for p in here.parent.iterdir() if p.is_dir() and p.resolve() != here):
+        res = RunDir(d).results()
+        scfg = (res or {}).get("config") or {}
+        if not is_complete(res) or res.get("method") != "map" or int(scfg.get("seed", -1)) != int(cfg.seed):
+            continue
+        if (scfg.get("model") or {}).get("name") != cfg.model.name:
+            continue
+        if all((scfg.get("data") or {}).get(k) == cfg.data.get(k) for k in SAME_SPLITS):
+            found.append(d)
+    cell = f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed}"
+    if not found:
+        raise UqloraError(f"train.reuse_map=true: no finished MAP run of {cell} in {here.parent}; valid: a sweep "
+                          f"that lists method=map before method={cfg.method.name}, method.map_run=<run dir>, or "
+                          "train.reuse_map=false (train its own MAP)")
+    if len(found) > 1:
+        raise UqloraError(f"train.reuse_map=true: {len(found)} finished MAP runs of {cell} in {here.parent} "
+                          f"({', '.join(d.name for d in found)}); valid: method.map_run=<one of them>")
+    with open_dict(cfg):
+        cfg.method.map_run = str(found[0].resolve())
+    log.info("train.reuse_map: %s starts from the sweep's MAP run %s", cfg.method.name, found[0])
+    return cfg.method.map_run
+
+
 def attach_source(cfg: DictConfig, method, member: int = 0) -> str:
     """Load member ``member`` of ``method.map_run`` into ``method`` instead of training it: its adapter, and
     for a method that wraps any predictive (temperature scaling) the source's own method with its state."""

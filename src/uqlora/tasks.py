@@ -26,7 +26,7 @@ from uqlora.predict import pool_splits, predict_member
 from uqlora.report import print_table, report, write_results
 from uqlora.rundir import RunDir
 from uqlora.runs import archive_run, check_same_config, read_results, record_failure, restore_hydra_files, resume_points
-from uqlora.sources import check_adapter_source, export_member, restore_member
+from uqlora.sources import check_adapter_source, export_member, restore_member, sweep_map_run
 from uqlora.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def train(cfg: DictConfig, ctx: RunContext | None = None):
     run_dir.mkdir(parents=True, exist_ok=True)
     validate_config(cfg)  # before the directory is touched: an impossible value changes nothing
     check_adapter_source(cfg)  # so is a PEFT adapter of another base model (read, not loaded into a model)
-    previous = read_results(run_dir)
+    sweep_map_run(cfg, run_dir)  # train.reuse_map: the sweep's MAP run of this cell (before the skip check,
+    previous = read_results(run_dir)  # which compares the resolved config with the saved one)
     if previous is not None and previous.get("status", "complete") == "complete":
         if cfg.get("skip_complete", True):
             return _skip_complete(cfg, run_dir, previous)

@@ -45,6 +45,7 @@ RULES: dict[str, Check] = {
     "trainer.gradient_clip_val": optional(NON_NEGATIVE),
     "train.checkpoint_every_n_steps": optional(int_at_least(1)),
     "train.early_stopping_patience": optional(int_at_least(1)),
+    "train.reuse_map": ((lambda v: isinstance(v, bool)), "true or false"),
     "eval.n_bins": int_at_least(1),
     "eval.prob.n_samples": int_at_least(1),
     "eval.prob.alpha": OPEN_UNIT,
