@@ -27,9 +27,9 @@ from uqlora.rundir import CONFIG_SNAPSHOT, RunDir, is_complete
 
 log = logging.getLogger(__name__)
 # keys that may differ without changing what a run computes: presentation / location only (skip_complete
-# compares with these) ...
+# compares with these; train.reuse_map only says where method.map_run came from, and that is compared) ...
 PRESENTATION = ("resume", "skip_complete", "progress_bar", "print_table", "run_dir", "paths", "logger", "method.display_name",
-                "data.num_workers", "data.data_dir", "optimized_metric")
+                "data.num_workers", "data.data_dir", "optimized_metric", "train.reuse_map")
 # ... and, for resuming, a longer schedule (extending a run is what resume is often for)
 RESUMABLE = PRESENTATION + ("train.ckpt_path", "trainer.max_epochs", "trainer.max_steps")
 
