@@ -148,6 +148,35 @@ def test_multirun_run_dirs_name_the_method_option(tiny_sweep):
         assert res["config"]["method"]["map_run"] == res["train"]["map_run"] and "fit" not in res["timings"]
 
 
+def test_reuse_map_makes_the_map_and_swag_runs_member_0_of_the_ensemble_and_multiswag(tmp_path):
+    """train.reuse_map: an ensemble's member 0 is the sweep's MAP run (same seed -> same training), MultiSWAG's the
+    SWAG run with the same SWAG settings -- loaded, not trained, with the same predictions as training them."""
+    import numpy as np
+
+    tiny = [*TINY[:2], "trainer.max_steps=4", *TINY[3:], "experiment=laplace_lora_cpu", "data=sst2", "method.num_models=2"]
+
+    def run(where, method, *extra):
+        p = subprocess.run([sys.executable, "train.py", *tiny, f"method={method}", *extra, f"hydra.run.dir={where}"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads((where / "results.json").read_text()), np.load(where / "predictions" / "test.npz")["probs"]
+
+    swag = ["method.collect_every=1", "method.max_rank=2"]
+    subprocess.run([sys.executable, "train.py", *[t for t in tiny if "num_models" not in t], "method=map",
+                    f"hydra.run.dir={tmp_path / 'sweep' / 'map'}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", *[t for t in tiny if "num_models" not in t], "method=swag", *swag,
+                    f"hydra.run.dir={tmp_path / 'sweep' / 'swag'}"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    for method, single, extra in (("ensemble", "map", []), ("multiswag", "swag", swag)):
+        res, probs = run(tmp_path / "sweep" / method, method, *extra)
+        assert res["train"][0]["reused_run"] == str((tmp_path / "sweep" / single).resolve())
+        assert "steps" not in res["train"][0] and res["train"][1]["steps"] == 4  # member 1 is trained
+        ref, ref_probs = run(tmp_path / "alone" / method, method, *extra, "train.reuse_map=false")
+        assert all("reused_run" not in m for m in ref["train"])
+        np.testing.assert_allclose(probs, ref_probs, atol=1e-5)
+    other, _ = run(tmp_path / "sweep" / "multiswag_k3", "multiswag", *swag[:1], "method.max_rank=3")
+    assert all("reused_run" not in m for m in other["train"])  # another SWAG setting: member 0 is trained
+
+
 def test_reuse_map_finds_exactly_one_map_run_of_the_cell(tmp_path):
     """train.reuse_map: the MAP run of the same seed / data / splits in the sweep folder; none or two: one line."""
     from uqlora.errors import UqloraError

@@ -15,7 +15,7 @@ from uqlora.context import RunContext
 from uqlora.logging_utils import log_summary
 from uqlora.rundir import RunDir
 from uqlora.runs import carry_best_adapter
-from uqlora.sources import RunAccess, attach_adapter, attach_source, export_member
+from uqlora.sources import RunAccess, attach_adapter, attach_source, export_member, restore_member
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,10 @@ def fit_callbacks(cfg, method, member_dir: RunDir) -> tuple[BestAdapterCheckpoin
 
 
 def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: str, member: int = 0,
-               ckpt_path: str | None = None, ctx: RunContext | None = None) -> dict:
-    """Fit one member and save its adapter and method state; returns ``{"trainer": ..., **info}``."""
+               ckpt_path: str | None = None, ctx: RunContext | None = None, reuse: RunDir | None = None) -> dict:
+    """Fit one member and save its adapter and method state; returns ``{"trainer": ..., **info}``. ``reuse``: a
+    finished run's member that is this member (same config and seed: ``sources.sweep_first_member``), loaded
+    instead of trained."""
     ckpt, callbacks = fit_callbacks(cfg, method, member_dir)
     n_batches = -(-len(dm.records["train"]) // int(cfg.data.batch_size))
     trainer = build_trainer(cfg, member_dir.path, logger, callbacks, n_train_batches=n_batches, ctx=ctx)
@@ -50,6 +52,9 @@ def fit_member(cfg, method, dm, member_dir: RunDir, logger, timings: dict, key: 
         info["map_run"] = attach_source(cfg, method, member)
     elif cfg.method.get("adapter"):
         info.update(attach_adapter(cfg, method, "method.adapter"))
+    elif reuse is not None:
+        restore_member(cfg, method, reuse)
+        info["reused_run"] = str(reuse.path)
     elif method.trains:
         info.update(_train(cfg, method, dm, trainer, ckpt, ckpt_path, member_dir, timings, key))
     member_dir.save_adapter(method.backbone.trainable_state_dict())

@@ -47,39 +47,85 @@ def check_source(cfg: DictConfig, src: RunDir, what: str = "method.map_run") -> 
     return scfg
 
 
+def _cell_runs(cfg: DictConfig, run_dir: str | Path, method: str) -> list[Path]:
+    """Finished runs of method ``method`` in ``run_dir``'s sweep folder (its parent) with this run's model,
+    dataset, data splits and seed."""
+    from uqlora.rundir import is_complete
+
+    here = Path(run_dir).resolve()
+    found = []
+    for d in sorted(p for p in here.parent.iterdir() if p.is_dir() and p.resolve() != here):
+        res = RunDir(d).results()
+        scfg = (res or {}).get("config") or {}
+        if not is_complete(res) or res.get("method") != method or int(scfg.get("seed", -1)) != int(cfg.seed):
+            continue
+        if (scfg.get("model") or {}).get("name") != cfg.model.name:
+            continue
+        if all((scfg.get("data") or {}).get(k) == cfg.data.get(k) for k in SAME_SPLITS):
+            found.append(d.resolve())
+    return found
+
+
+def _reuse(cfg: DictConfig) -> bool:
+    return bool((cfg.get("train") or {}).get("reuse_map"))
+
+
 def sweep_map_run(cfg: DictConfig, run_dir: str | Path) -> str | None:
     """``train.reuse_map=true``: a method that can start from a finished run (its config has ``map_run``, left
     unset) takes the MAP run of the same cell -- same model, dataset, data splits and seed -- from its own
     sweep folder (the run directory's parent) instead of training that MAP model again. Sets
     ``cfg.method.map_run`` and returns it; None when it does not apply. A sweep lists ``method=map`` before
     the post-hoc methods (Hydra runs a sweep's jobs in order), so the MAP run is finished when they start."""
-    from uqlora.rundir import is_complete
-
-    if not (cfg.get("train") or {}).get("reuse_map") or "map_run" not in cfg.method or cfg.method.get("map_run"):
+    if not _reuse(cfg) or "map_run" not in cfg.method or cfg.method.get("map_run"):
         return None
-    here = Path(run_dir).resolve()
-    found = []
-    for d in sorted(p for p in here.parent.iterdir() if p.is_dir() and p.resolve() != here):
-        res = RunDir(d).results()
-        scfg = (res or {}).get("config") or {}
-        if not is_complete(res) or res.get("method") != "map" or int(scfg.get("seed", -1)) != int(cfg.seed):
-            continue
-        if (scfg.get("model") or {}).get("name") != cfg.model.name:
-            continue
-        if all((scfg.get("data") or {}).get(k) == cfg.data.get(k) for k in SAME_SPLITS):
-            found.append(d)
+    sweep = Path(run_dir).resolve().parent
+    found = _cell_runs(cfg, run_dir, "map")
     cell = f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed}"
     if not found:
-        raise UqloraError(f"train.reuse_map=true: no finished MAP run of {cell} in {here.parent}; valid: a sweep "
+        raise UqloraError(f"train.reuse_map=true: no finished MAP run of {cell} in {sweep}; valid: a sweep "
                           f"that lists method=map before method={cfg.method.name}, method.map_run=<run dir>, or "
                           "train.reuse_map=false (train its own MAP)")
     if len(found) > 1:
-        raise UqloraError(f"train.reuse_map=true: {len(found)} finished MAP runs of {cell} in {here.parent} "
+        raise UqloraError(f"train.reuse_map=true: {len(found)} finished MAP runs of {cell} in {sweep} "
                           f"({', '.join(d.name for d in found)}); valid: method.map_run=<one of them>")
     with open_dict(cfg):
-        cfg.method.map_run = str(found[0].resolve())
+        cfg.method.map_run = str(found[0])
     log.info("train.reuse_map: %s starts from the sweep's MAP run %s", cfg.method.name, found[0])
     return cfg.method.map_run
+
+
+# an M-member method -> the single-model method whose run is its member 0 (same seed, hence the same LoRA
+# initialisation and data order, and the same training)
+FIRST_MEMBER_OF = {"ensemble": "map", "multiswag": "swag"}
+_MEMBER_KEYS = ("name", "display_name", "num_models")
+
+
+def sweep_first_member(cfg: DictConfig, run_dir: str | Path) -> RunDir | None:
+    """``train.reuse_map=true`` for an ensemble / MultiSWAG: member 0 is the sweep's finished MAP / SWAG run of the
+    same cell when that run's config is this one's but for the method's name and size -- its adapter (and
+    SWAG moments) are loaded instead of training it again. None (member 0 is trained) otherwise."""
+    from uqlora.runs import PRESENTATION, config_diff
+
+    single = FIRST_MEMBER_OF.get(str(cfg.method.name))
+    if not _reuse(cfg) or single is None:
+        return None
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    same = []
+    for d in _cell_runs(cfg, run_dir, single):
+        theirs = (RunDir(d).results() or {}).get("config") or {}
+        a, b = ({k: v for k, v in (c.get("method") or {}).items() if k not in _MEMBER_KEYS} for c in (theirs, ours))
+        diff = config_diff({**theirs, "method": a}, {**ours, "method": b}, PRESENTATION)
+        if diff:
+            log.info("train.reuse_map: %s is not member 0 of this %s (differs in %s)", d, cfg.method.name, diff[0])
+        else:
+            same.append(d)
+    if len(same) > 1:
+        raise UqloraError(f"train.reuse_map=true: {len(same)} finished {single} runs could be member 0 of this "
+                          f"{cfg.method.name} ({', '.join(d.name for d in same)}); valid: one per cell in a sweep folder")
+    if not same:
+        return None
+    log.info("train.reuse_map: member 0 of this %s is the sweep's %s run %s", cfg.method.name, single, same[0])
+    return RunDir(same[0])
 
 
 def attach_source(cfg: DictConfig, method, member: int = 0) -> str:

@@ -26,7 +26,7 @@ from uqlora.predict import pool_splits, predict_member
 from uqlora.report import print_table, report, write_results
 from uqlora.rundir import RunDir
 from uqlora.runs import archive_run, check_same_config, read_results, record_failure, restore_hydra_files, resume_points
-from uqlora.sources import check_adapter_source, export_member, restore_member, sweep_map_run
+from uqlora.sources import check_adapter_source, export_member, restore_member, sweep_first_member, sweep_map_run
 from uqlora.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ def _train(cfg: DictConfig, ctx: RunContext, resume_from: list[str | None]):
     logger = build_logger(cfg, run_dir.path, ctx.choices)
     member_preds, members = [], []
     seed0 = init_seed(cfg)
+    first = sweep_first_member(cfg, run_dir.path) if M > 1 else None  # train.reuse_map: a finished MAP / SWAG run
     for m in range(M):
         key = "" if M == 1 else f"_member{m}"
         method, dm = build_member(cfg, task, seed0 + m)
         fitted = fit_member(cfg, method, dm, run_dir.member(m, M), logger, timings, key, member=m,
-                            ckpt_path=resume_from[m], ctx=ctx)
+                            ckpt_path=resume_from[m], ctx=ctx, reuse=first.members()[0] if first and m == 0 else None)
         trainer = fitted.pop("trainer")
         member_preds.append(predict_member(cfg, method, dm, trainer, timings, key, m, M))
         members.append({"init_seed": seed0 + m, **fitted})
