@@ -89,6 +89,16 @@ def test_mean_std_and_bold_known_answer(sweep):
     assert "**0.600 ± 0.100**" in mt.to_markdown(nll)
 
 
+def test_mean_confidence_is_a_default_table_in_percent_without_a_best(tmp_path):
+    """The confidence direction (mean confidence next to ACC) is tabulated; neither way is better, so no bold."""
+    for i, (method, conf) in enumerate((("map", 0.861), ("laplace", 0.55))):
+        write_run(tmp_path, str(i), method, "d1", 0, metrics={"acc": 0.62, "mean_confidence": conf, "ece": 0.2})
+    tables = mt.build_tables(mt.load_runs([tmp_path]), "test")
+    assert [t.metric for t in tables][:3] == ["acc", "mean_confidence", "ece"]
+    md = mt.to_markdown(table(tables, "mean_confidence")).splitlines()
+    assert "| MAP | 86.1 |" in md and "| Laplace-LoRA | 55.0 |" in md and "(%)" in md[0]
+
+
 def test_direction_of_every_metric():
     for m in ("acc", "auroc_misclf", "auprc_misclf", "errdet_auroc", "ood_max_prob_auroc", "ood_neg_entropy_aupr_in"):
         assert mt.higher_is_better(m) is True, m

@@ -18,11 +18,11 @@ import numpy as np
 from uqlora.results.collect import Run, TablesError, split_runs
 from uqlora.results.names import SCORE_NAMES, method_names, method_order, score_order
 
-DEFAULT_METRICS = ("acc", "ece", "nll", "brier", "aurc", "auroc_misclf",
+DEFAULT_METRICS = ("acc", "mean_confidence", "ece", "nll", "brier", "aurc", "auroc_misclf",
                    "ood_max_prob_auroc", "ood_max_prob_fpr95", "ood_neg_mutual_information_auroc",
                    "gsm8k_acc", "rouge_l")  # the last two: generation runs (token-level SFT)
 ERRDET_METRICS = ("auroc", "auprc", "aurc", "ece")
-PERCENT = re.compile(r"(^|_)(acc|ece|mce)$")
+PERCENT = re.compile(r"(^|_)(acc|ece|mce|mean_confidence)$")  # mean confidence next to ACC: over- or underconfident
 LOWER = re.compile(r"(^|_)(ece|mce|nll|brier|aurc|eaurc|fpr95)(_|$)")
 HIGHER = re.compile(r"(^|_)(acc|auroc|auprc|aupr_in|aupr_out|rouge_l)(_|$)")
 ERRDET = re.compile(r"errdet_(.+)_(auroc|auprc|aurc|ece)")

@@ -35,7 +35,7 @@ DATA_NAMES = {
     "20ng": "20NG", "tweeteval_hate": "TweetEval-hate", "tweeteval_offensive": "TweetEval-offensive",
 }
 METRIC_NAMES = {
-    "acc": "ACC", "ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "aurc": "AURC", "eaurc": "E-AURC",
+    "acc": "ACC", "mean_confidence": "mean confidence", "ece": "ECE", "mce": "MCE", "nll": "NLL", "brier": "Brier", "aurc": "AURC", "eaurc": "E-AURC",
     "auroc_misclf": "AUROC (misclassification)", "auprc_misclf": "AUPRC (misclassification)",
     "errdet_auroc": "error-detection ROC-AUC", "errdet_auprc": "error-detection AUPRC",
     "errdet_aurc": "error-detection AURC", "errdet_ece": "ECE of u as P(error)",
