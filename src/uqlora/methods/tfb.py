@@ -134,10 +134,21 @@ class TFBMethod(SampledLoRA, PostHocMethod):
         nll0, acc0, n_anchor = totals(p0, targets)
         draws = var.draws(int(c.search_samples), int(c.seed))
 
+        evaluations = [0]
+        most = int(c.search_iters) + 2  # high, the bisections, and low when nothing is within the tolerance
+
         def change(sigma: float) -> float:
+            from tqdm.auto import tqdm
+
             var.sigma = sigma
-            nll, acc, _ = totals(predictive_probs(logits, batches, var, draws), targets)
-            return abs(nll - nll0) / max(nll0, 1e-12) if c.criterion == "nll" else abs(acc - acc0)
+            evaluations[0] += 1
+            desc = f"TFB: sigma {sigma:.4g} (search {evaluations[0]}/<={most}, {len(draws)} draws)"
+            shown = tqdm(batches, desc=desc, disable=not self.show_progress, leave=False)
+            nll, acc, _ = totals(predictive_probs(logits, shown, var, draws), targets)
+            out = abs(nll - nll0) / max(nll0, 1e-12) if c.criterion == "nll" else abs(acc - acc0)
+            log.info("TFB search %d: sigma %.4g changes the anchor %s by %.4g (tolerance %g)", evaluations[0], sigma,
+                     c.criterion, out, float(c.tolerance))
+            return out
 
         sigma, history = search_sigma(change, float(c.low), float(c.high), int(c.search_iters), float(c.tolerance))
         self.tuning = {"sigma": sigma, "searched": 1, "n_anchor": n_anchor, "anchor_nll0": nll0, "anchor_acc0": acc0,
