@@ -18,7 +18,7 @@ from conftest import CONF, ROOT, compose
 from uqlora import results
 
 SUITES = {  # experiment -> number of jobs of its sweep
-    "laplace_lora": 144, "laplace_lora_cpu": 180, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
+    "laplace_lora": 144, "laplace_lora_cpu": 90, "swag_lora": 60, "swag_lora_cpu": 45, "adue": 60, "adue_cpu": 30,
     "ual_sft_cpu": 9, "bayes_lora_cpu": 12,
 }
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
