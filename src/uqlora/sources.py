@@ -21,7 +21,8 @@ from uqlora.errors import UqloraError
 from uqlora.methods import get_method
 from uqlora.models.backbone import resolve_head
 from uqlora.predict import pool, predict
-from uqlora.rundir import RunDir
+from uqlora.rundir import RunDir, is_complete
+from uqlora.runs import PRESENTATION, config_diff
 
 log = logging.getLogger(__name__)
 MAP_LIKE = ("map", "temperature")  # source runs whose predictive is the softmax of the adapter's logits
@@ -47,11 +48,9 @@ def check_source(cfg: DictConfig, src: RunDir, what: str = "method.map_run") -> 
     return scfg
 
 
-def _cell_runs(cfg: DictConfig, run_dir: str | Path, method: str) -> list[Path]:
-    """Finished runs of method ``method`` in ``run_dir``'s sweep folder (its parent) with this run's model,
-    dataset, data splits and seed."""
-    from uqlora.rundir import is_complete
-
+def _cell_runs(cfg: DictConfig, run_dir: str | Path, method: str) -> list[tuple[Path, dict]]:
+    """``(run directory, its config)`` of the finished runs of method ``method`` in ``run_dir``'s sweep folder (its
+    parent) with this run's model, dataset, data splits and seed."""
     here = Path(run_dir).resolve()
     found = []
     for d in sorted(p for p in here.parent.iterdir() if p.is_dir() and p.resolve() != here):
@@ -62,7 +61,7 @@ def _cell_runs(cfg: DictConfig, run_dir: str | Path, method: str) -> list[Path]:
         if (scfg.get("model") or {}).get("name") != cfg.model.name:
             continue
         if all((scfg.get("data") or {}).get(k) == cfg.data.get(k) for k in SAME_SPLITS):
-            found.append(d.resolve())
+            found.append((d.resolve(), scfg))
     return found
 
 
@@ -79,7 +78,7 @@ def sweep_map_run(cfg: DictConfig, run_dir: str | Path) -> str | None:
     if not _reuse(cfg) or "map_run" not in cfg.method or cfg.method.get("map_run"):
         return None
     sweep = Path(run_dir).resolve().parent
-    found = _cell_runs(cfg, run_dir, "map")
+    found = [d for d, _ in _cell_runs(cfg, run_dir, "map")]
     cell = f"model={cfg.model.name} data={cfg.data.name} seed={cfg.seed}"
     if not found:
         raise UqloraError(f"train.reuse_map=true: no finished MAP run of {cell} in {sweep}; valid: a sweep "
@@ -104,15 +103,12 @@ def sweep_first_member(cfg: DictConfig, run_dir: str | Path) -> RunDir | None:
     """``train.reuse_map=true`` for an ensemble / MultiSWAG: member 0 is the sweep's finished MAP / SWAG run of the
     same cell when that run's config is this one's but for the method's name and size -- its adapter (and
     SWAG moments) are loaded instead of training it again. None (member 0 is trained) otherwise."""
-    from uqlora.runs import PRESENTATION, config_diff
-
     single = FIRST_MEMBER_OF.get(str(cfg.method.name))
     if not _reuse(cfg) or single is None:
         return None
     ours = OmegaConf.to_container(cfg, resolve=True)
     same = []
-    for d in _cell_runs(cfg, run_dir, single):
-        theirs = (RunDir(d).results() or {}).get("config") or {}
+    for d, theirs in _cell_runs(cfg, run_dir, single):
         a, b = ({k: v for k, v in (c.get("method") or {}).items() if k not in _MEMBER_KEYS} for c in (theirs, ours))
         diff = config_diff({**theirs, "method": a}, {**ours, "method": b}, PRESENTATION)
         if diff:
