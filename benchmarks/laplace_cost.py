@@ -123,6 +123,7 @@ def run_seed(args, seed: int) -> dict:
     cfg = compose([f"model={args.model}", f"data={args.data}", "method=laplace", "logger=none", "progress_bar=none",
                    f"seed={seed}", f"data.max_train_samples={args.train}", f"data.max_test_samples={args.test}",
                    f"data.max_val_samples={args.val}", "method.prior.method=val_nll", "method.prior.search=grid",
+                   "method.link=probit",  # the peer's probit predictive is the one compared
                    *([f"method.lowrank_threshold={args.lowrank_threshold}"] if args.lowrank_threshold else []),
                    *([f"method.n_kfac={args.n_kfac}"] if args.n_kfac else [])])
     method, dm = setup(cfg)

@@ -501,6 +501,14 @@ def test_prior_grid_widens_past_an_edge_and_reports_an_unresolved_one(caplog):
     for g, v in info["val_nll_grid"].items():
         assert v == pytest.approx(float(predictive_nll(post, cache, torch.full((3,), float(g), dtype=F64))), rel=1e-9)
     assert info["val_nll"] == pytest.approx(min(info["val_nll_grid"].values()), rel=1e-12)
+    # the streamed mc grid search (full covariances, one set of draws per batch shared by every candidate) = the
+    # cached mc NLL with the same draws: deterministic, so the candidates differ by the prior only
+    info = tune_val_nll(post, iter(cache), [0.01, 0.1, 1.0, 10.0], "grid", link="mc", n_samples=64, seed=5)
+    for g, v in info["val_nll_grid"].items():
+        delta = torch.full((3,), float(g), dtype=F64)
+        assert v == pytest.approx(float(predictive_nll(post, cache, delta, "mc", 64, 5)), rel=1e-9)
+    assert predictive_nll(post, cache, delta, "mc", 64, 6) != pytest.approx(float(predictive_nll(post, cache, delta, "mc", 64, 5)), rel=1e-9)
+    assert info["val_nll"] == pytest.approx(min(info["val_nll_grid"].values()), rel=1e-12)
     post = _posterior(TinyLoRANet(seed=6), _data(12, seed=7))[2]
     info = tune_marglik(post, steps=600, lr=0.1)
     assert info == {"marglik_converged": True, "prior_at_edge": None}
@@ -540,6 +548,24 @@ def test_probit_matches_mc_with_many_samples():
     assert (probit - mc).abs().mean() < 0.006
     zero, _ = glm_predictive(f_mu, torch.zeros_like(f_var), "mc", n_samples=3)
     torch.testing.assert_close(zero, f_mu.softmax(-1))     # no variance: the MAP softmax
+
+
+def test_mc_link_is_invariant_to_a_shift_of_all_logits_and_probit_is_not():
+    # the cloze head's logits are scaled log-likelihoods (all negative, their common offset meaningless): the
+    # softmax ignores the offset, and so does the mc predictive; probit divides each logit by its own
+    # sqrt(1 + pi/8 var), so shifting every logit by the same -10 moves probability to high-variance answers
+    f_mu = torch.tensor([[-7.7, -11.1, -10.6, -7.6]], dtype=F64)
+    f_var = torch.diag(torch.tensor([5.6, 6.5, 3.9, 2.9], dtype=F64)).unsqueeze(0)
+    eps = torch.randn(4000, 1, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    mc, _ = glm_predictive(f_mu, f_var, "mc", n_samples=4000, eps=eps)
+    mc_shift, _ = glm_predictive(f_mu - 10, f_var, "mc", n_samples=4000, eps=eps)
+    torch.testing.assert_close(mc, mc_shift)
+    again, _ = glm_predictive(f_mu, f_var, "mc", n_samples=4000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mc, again)                  # eps given = the same draws from the generator
+    pr, _ = glm_predictive(f_mu, f_var, "probit")
+    pr_shift, _ = glm_predictive(f_mu - 10, f_var, "probit")
+    assert (pr - pr_shift).abs().max() > 0.05
+    assert pr[0, 0] > mc[0, 0] + 0.1                       # probit over-weights the wide answer 0 (0.58 vs 0.43)
 
 
 def test_bridge_and_masked_choices():

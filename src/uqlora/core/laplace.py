@@ -208,9 +208,11 @@ def _sqrtm_psd(f_var: torch.Tensor) -> torch.Tensor:
 
 
 def glm_predictive(f_mu: torch.Tensor, f_var: torch.Tensor, link: str = "probit", n_samples: int = 100,
-                   generator: torch.Generator | None = None, mask: torch.Tensor | None = None):
+                   generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
+                   eps: torch.Tensor | None = None):
     """``(probs [B, C], samples [S, B, C] | None)`` of the linearised predictive; masked (padded) choices
-    keep probability 0. ``mc`` returns its per-sample probabilities too."""
+    keep probability 0. ``mc`` returns its per-sample probabilities too; its standard-normal draws are
+    ``eps`` [S, B, C] when given (common random numbers), else drawn from ``generator``."""
     f_mu, f_var = f_mu.double(), f_var.double()
     valid = torch.ones_like(f_mu, dtype=torch.bool) if mask is None else mask.bool()
     if link == "probit":
@@ -221,7 +223,9 @@ def glm_predictive(f_mu: torch.Tensor, f_var: torch.Tensor, link: str = "probit"
         if n_samples < 1:
             raise UqloraError(f"method.num_samples must be >= 1, got {n_samples}")
         L = _sqrtm_psd(f_var)
-        eps = torch.randn((n_samples,) + tuple(f_mu.shape), generator=generator, dtype=torch.float64).to(f_mu.device)
+        if eps is None:
+            eps = torch.randn((n_samples,) + tuple(f_mu.shape), generator=generator, dtype=torch.float64)
+        eps = eps.to(device=f_mu.device, dtype=torch.float64)
         f = f_mu + torch.einsum("bij,sbj->sbi", L, eps)
         samples = torch.softmax(f.masked_fill(~valid, -math.inf), -1)
         return samples.mean(0), samples

@@ -8,10 +8,13 @@
   then, with ``search="gradient"``, by Adam on log delta from the grid's best value.
 
 The held-out NLL comes from the per-batch GLM terms ``(f_mu [B, C], projections of the Jacobians
-(KronPosterior.project), labels [B], choice mask or None)``, one pass over the data. The grid search with
-the probit link needs only the diagonal of J Sigma J^T: it is computed for every candidate value (the grid and
-all its widenings) as the batches stream by (:func:`diag_variances`), so memory is O(N C K), not the size of
-the projections; the gradient search and the bridge link keep the projections (:func:`predictive_nll`).
+(KronPosterior.project), labels [B], choice mask or None)``, one pass over the data. The grid search streams:
+as the batches go by it computes, for every candidate value (the grid and all its widenings), the diagonal of
+J Sigma J^T (probit link, :func:`diag_variances`) or the whole C x C matrix (mc link, :func:`full_variances`),
+so memory is O(N C^2 K), not the size of the projections. The mc link's NLL uses *common random numbers*: one
+set of normal draws per batch (from ``seed``) shared by every candidate, so the NLL is a deterministic,
+smooth function of the prior and candidates are compared without Monte-Carlo noise between them. The gradient
+search and the bridge link keep the projections (:func:`predictive_nll`, the same draws on every call).
 """
 from __future__ import annotations
 
@@ -28,11 +31,15 @@ GRID_LIMITS = (1e-10, 1e10)   # the widened grid never leaves this range
 EXTREME = (1e-6, 1e6)         # a marglik prior outside this range is reported
 
 
-def predictive_nll(post: KronPosterior, cache: list, delta: torch.Tensor, link: str = "probit") -> torch.Tensor:
-    """Mean NLL of the GLM predictive with prior precision ``delta`` [L] over the cached batches."""
+def predictive_nll(post: KronPosterior, cache: list, delta: torch.Tensor, link: str = "probit",
+                   n_samples: int = 100, seed: int = 0) -> torch.Tensor:
+    """Mean NLL of the GLM predictive with prior precision ``delta`` [L] over the cached batches (mc link: the
+    same ``n_samples`` draws from ``seed`` on every call)."""
     tot, n = 0.0, 0
+    gen = torch.Generator().manual_seed(int(seed))
     for f_mu, proj, y, mask in cache:
-        p, _ = glm_predictive(f_mu, post.functional_variance(proj, delta), link, mask=mask)
+        p, _ = glm_predictive(f_mu, post.functional_variance(proj, delta), link, n_samples=n_samples,
+                              generator=gen, mask=mask)
         tot = tot - torch.log(p.gather(1, y.unsqueeze(1)).clamp(min=1e-12)).sum()
         n += y.numel()
     return tot / n
@@ -52,6 +59,32 @@ def diag_variances(post: KronPosterior, proj, deltas: torch.Tensor) -> torch.Ten
             v = v + torch.diagonal(inner.double(), dim1=-2, dim2=-1).reshape(B * C, 1) / d
         var = v.reshape(B, C, -1) if var is None else var + v.reshape(B, C, -1)
     return var
+
+
+def full_variances(post: KronPosterior, proj, deltas: torch.Tensor) -> torch.Tensor:
+    """``J Sigma J^T`` [B, C, C, K] of one batch's projections for each row of ``deltas`` [K, L] (as
+    :func:`diag_variances`, every pair of choices)."""
+    var = None
+    for li, ((Mt, inner), lam, full) in enumerate(zip(proj, post.lam, post.full)):
+        B, C = Mt.shape[:2]
+        d = deltas[:, li].to(torch.float64)
+        coef = 1.0 / (lam.reshape(-1, 1) + d) - (0.0 if full else 1.0 / d)              # [P_l, K]
+        M = Mt.double().reshape(B, C, -1)
+        v = torch.einsum("bcp,bdp,pk->bcdk", M, M, coef)
+        if inner is not None:
+            v = v + inner.double().unsqueeze(-1) / d
+        var = v if var is None else var + v
+    return var
+
+
+def mc_nll(f_mu: torch.Tensor, fvar: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, mask=None) -> torch.Tensor:
+    """Summed NLL [K] of the mc predictive (probabilities averaged over the logit draws) for logits ``f_mu``
+    [B, C], covariances ``fvar`` [B, C, C, K] and standard-normal draws ``eps`` [S, B, C] shared by the K."""
+    out = []
+    for k in range(fvar.shape[-1]):
+        p, _ = glm_predictive(f_mu, fvar[..., k], "mc", n_samples=eps.shape[0], mask=mask, eps=eps)
+        out.append(-torch.log(p.gather(1, y.reshape(-1, 1)).clamp(min=1e-12)).sum())
+    return torch.stack(out)
 
 
 def probit_nll(f_mu: torch.Tensor, var: torch.Tensor, y: torch.Tensor, mask=None) -> torch.Tensor:
@@ -108,8 +141,10 @@ def grid_search(score, grid: list[float]) -> tuple[float, dict[float, float], st
 
 
 def tune_val_nll(post: KronPosterior, batches, grid: list[float], search: str = "grid",
-                 structure: str = "scalar", steps: int = 300, lr: float = 0.1, link: str = "probit") -> dict:
-    """Set ``post.prior_precision`` by the held-out NLL (module docstring) over ``batches``, an iterable of
+                 structure: str = "scalar", steps: int = 300, lr: float = 0.1, link: str = "probit",
+                 n_samples: int = 100, seed: int = 0) -> dict:
+    """Set ``post.prior_precision`` by the held-out NLL of the ``link`` predictive (module docstring; mc:
+    ``n_samples`` draws from ``seed``) over ``batches``, an iterable of
     ``(f_mu, projections, labels, mask)`` read once; returns what was measured: ``val_nll_grid`` ({value:
     NLL} of every value tried), ``val_nll`` (at the chosen prior) and ``prior_at_edge`` (the side of a best
     grid value that stayed on the widened grid's end, or None)."""
@@ -119,11 +154,16 @@ def tune_val_nll(post: KronPosterior, batches, grid: list[float], search: str = 
     if search == "grid" and structure != "scalar":
         raise UqloraError("method.prior.structure=layerwise needs prior.search=gradient (a grid covers one scalar)")
     cands = candidate_grid(grid)
-    if search == "grid" and link == "probit":  # stream: the diagonal for every candidate, nothing cached
+    if search == "grid" and link in ("probit", "mc"):  # stream: the variances of every candidate, nothing cached
         rows = torch.tensor(cands, dtype=torch.float64).unsqueeze(1).expand(len(cands), L)
         tot, n = torch.zeros(len(cands), dtype=torch.float64), 0
+        gen = torch.Generator().manual_seed(int(seed))
         for f_mu, proj, y, mask in batches:
-            tot += probit_nll(f_mu, diag_variances(post, proj, rows), y, mask)
+            if link == "probit":
+                tot += probit_nll(f_mu, diag_variances(post, proj, rows), y, mask)
+            else:
+                eps = torch.randn((int(n_samples),) + tuple(f_mu.shape), generator=gen, dtype=torch.float64)
+                tot += mc_nll(f_mu, full_variances(post, proj, rows), y, eps, mask)
             n += y.numel()
         table = dict(zip(cands, (tot / max(n, 1)).tolist()))
         best, scores, edge = grid_search(table.__getitem__, grid)
@@ -131,8 +171,8 @@ def tune_val_nll(post: KronPosterior, batches, grid: list[float], search: str = 
         return _edge_report({"val_nll_grid": {str(g): scores[g] for g in sorted(scores)}, "prior_at_edge": edge,
                              "val_nll": table[best]}, best)
     cache = list(batches)
-    best, scores, edge = grid_search(lambda g: predictive_nll(post, cache, torch.full((L,), g, dtype=torch.float64),
-                                                              link), grid)
+    nll = lambda delta: predictive_nll(post, cache, delta, link, n_samples, seed)  # noqa: E731
+    best, scores, edge = grid_search(lambda g: nll(torch.full((L,), g, dtype=torch.float64)), grid)
     post.prior_precision = best
     if search == "gradient":
         n = 1 if structure == "scalar" else L
@@ -140,12 +180,12 @@ def tune_val_nll(post: KronPosterior, batches, grid: list[float], search: str = 
         opt = torch.optim.Adam([log_d], lr=float(lr))
         for _ in range(int(steps)):
             opt.zero_grad()
-            loss = predictive_nll(post, cache, log_d.exp().expand(L), link)
+            loss = nll(log_d.exp().expand(L))
             loss.backward()
             opt.step()
         post.prior_precision = log_d.detach().exp()
     return _edge_report({"val_nll_grid": {str(g): scores[g] for g in sorted(scores)}, "prior_at_edge": edge,
-                         "val_nll": float(predictive_nll(post, cache, post.prior_precision, link))}, best)
+                         "val_nll": float(nll(post.prior_precision))}, best)
 
 
 def _edge_report(info: dict, best: float) -> dict:

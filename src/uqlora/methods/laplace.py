@@ -107,7 +107,7 @@ class LaplaceConfig(PostHocConfig):
     fit_split: Split = Split.train
     prior: PriorConfig = field(default_factory=PriorConfig)
     pred_type: PredType = PredType.glm         # glm | nn
-    link: Link = Link.probit                   # glm: probit | mc | bridge
+    link: Link = Link.mc                       # glm: mc (the official code's mc_corr) | probit | bridge
     num_samples: int = at_least(1, 100)        # mc link: logit samples; nn: weight draws
     eval_seed: int = 0
     seed: int = 0                              # mc Fisher labels
@@ -179,9 +179,10 @@ class LaplaceMethod(PostHocMethod):
                 mask = batch.get("choice_mask")
                 yield f_mu.double().cpu(), proj, batch["labels"].cpu(), None if mask is None else mask.cpu()
 
-        link = str(c.link) if c.link != "mc" else "probit"  # mc tuning would be noisy: tune with probit
+        # tuned with the predictive it will be used with (mc: the same draws for every candidate prior)
         self.tuning.update(tune_val_nll(post, batches(), list(c.prior.grid), str(c.prior.search),
-                                        str(c.prior.structure), int(c.prior.steps), float(c.prior.lr), link))
+                                        str(c.prior.structure), int(c.prior.steps), float(c.prior.lr), str(c.link),
+                                        int(c.num_samples), int(c.eval_seed)))
 
     # --- predictive -----------------------------------------------------------------------------------------
     def _require(self):
