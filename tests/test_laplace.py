@@ -562,6 +562,11 @@ def test_mc_link_is_invariant_to_a_shift_of_all_logits_and_probit_is_not():
     torch.testing.assert_close(mc, mc_shift)
     again, _ = glm_predictive(f_mu, f_var, "mc", n_samples=4000, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(mc, again)                  # eps given = the same draws from the generator
+    # the method's draws are per example (seeded by its position): the same in any batch, order or process
+    from uqlora.core.laplace import example_draws
+    both = example_draws(torch.tensor([3, 7]), 50, 4, seed=1)
+    torch.testing.assert_close(both[:, 1], example_draws(torch.tensor([7]), 50, 4, seed=1)[:, 0])
+    assert not torch.equal(both[:, 0], both[:, 1]) and not torch.equal(both, example_draws(torch.tensor([3, 7]), 50, 4, 2))
     pr, _ = glm_predictive(f_mu, f_var, "probit")
     pr_shift, _ = glm_predictive(f_mu - 10, f_var, "probit")
     assert (pr - pr_shift).abs().max() > 0.05

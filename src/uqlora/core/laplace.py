@@ -207,6 +207,16 @@ def _sqrtm_psd(f_var: torch.Tensor) -> torch.Tensor:
     return Q * lam.clamp(min=0).sqrt().unsqueeze(-2)
 
 
+def example_draws(index: torch.Tensor, n_samples: int, n_classes: int, seed: int) -> torch.Tensor:
+    """Standard-normal draws ``[S, B, C]`` of the mc link, one generator per example seeded by ``(seed, the
+    example's position in its split)``: an example gets the same draws whatever its batch, the batch order or
+    the number of processes predicting."""
+    if n_samples < 1:
+        raise UqloraError(f"method.num_samples must be >= 1, got {n_samples}")
+    gens = (torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)) for i in index.reshape(-1).tolist())
+    return torch.stack([torch.randn(n_samples, n_classes, generator=g, dtype=torch.float64) for g in gens], 1)
+
+
 def glm_predictive(f_mu: torch.Tensor, f_var: torch.Tensor, link: str = "probit", n_samples: int = 100,
                    generator: torch.Generator | None = None, mask: torch.Tensor | None = None,
                    eps: torch.Tensor | None = None):

@@ -22,7 +22,7 @@ import torch
 
 from uqlora import distributed as dist
 from uqlora.core.kfac import capture, fit_kfac, per_example_jacobians, reduce_kfac, select_layers
-from uqlora.core.laplace import KronPosterior, glm_predictive
+from uqlora.core.laplace import KronPosterior, example_draws, glm_predictive
 from uqlora.core.laplace_prior import tune_marglik, tune_val_nll
 from uqlora.errors import UqloraError
 from uqlora.methods import register
@@ -212,8 +212,12 @@ class LaplaceMethod(PostHocMethod):
             self.start_predict()
         f_mu, proj = self._glm_terms(batch)
         fvar = post.functional_variance(proj)
-        probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), str(self.mcfg.link), int(self.mcfg.num_samples),
-                                        generator=self._gen, mask=_cpu(batch.get("choice_mask")))
+        c = self.mcfg
+        eps = None
+        if c.link == "mc" and batch.get("index") is not None:  # per-example draws: independent of batching / processes
+            eps = example_draws(batch["index"], int(c.num_samples), f_mu.shape[-1], int(c.eval_seed))
+        probs, samples = glm_predictive(f_mu.cpu(), fvar.cpu(), str(c.link), int(c.num_samples),
+                                        generator=self._gen, mask=_cpu(batch.get("choice_mask")), eps=eps)
         dev = batch["labels"].device
         return probs.float().to(dev), None if samples is None else samples.float().to(dev)
 
