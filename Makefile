@@ -27,14 +27,14 @@ demo: install
 	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) experiments/summarize.py $(DEMO_DIR) --out $(DEMO_DIR)/summary.md
 
-# The LLM demo: SmolLM2-135M on ARC-Easy (cloze head), MAP, then Laplace-LoRA and temperature scaling on that MAP run.
+# The LLM demo: one cell of the LLM table (experiment=laplace_lora_cpu, OBQA, seed 0): SmolLM2-135M MAP, then
+# Laplace-LoRA and temperature scaling on that MAP run (train.reuse_map), and the summary table.
 DEMO_LLM_DIR ?= multirun/demo_llm/$(DEMO_STAMP)
 
 demo-llm: install
-	$(OFFLINE) $(PY) train.py -m experiment=demo_llm method=map hydra.sweep.dir=$(DEMO_LLM_DIR)/train
-	for m in laplace temperature; do $(OFFLINE) $(PY) train.py experiment=demo_llm method=$$m \
-		method.map_run=$(abspath $(DEMO_LLM_DIR))/train/0_map_smollm2_135m_arc_e_s0 hydra.run.dir=$(DEMO_LLM_DIR)/posthoc/$$m || exit 1; done
-	$(PY) experiments/summarize.py $(DEMO_LLM_DIR)/train $(DEMO_LLM_DIR)/posthoc --out $(DEMO_LLM_DIR)/summary.md
+	$(OFFLINE) $(PY) train.py -m experiment=laplace_lora_cpu data=obqa seed=0 method=map,laplace,temperature \
+		hydra.sweep.dir=$(DEMO_LLM_DIR)
+	$(PY) experiments/summarize.py $(DEMO_LLM_DIR) --out $(DEMO_LLM_DIR)/summary.md
 
 # Paper tables + figures from logged runs (experiments/make_tables.py):
 #   make tables RUNS=multirun/laplace_lora_cpu/<stamp>             -> <RUNS>/tables (OUT=... to change)
