@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import compose
 from test_swag import _cfg
@@ -282,3 +282,25 @@ def test_ood_mmlu_subjects_are_configurable():
     ood = build_splits(cfg.data, 0)["ood"]
     assert {r["subject"] for r in ood} == {"college_chemistry", "college_physics"}
     assert len(ood) == 202
+
+
+def test_eval_scores_a_finished_run_against_an_ood_dataset(tmp_path):
+    """`eval.py run_dir=<run> ood=arc_c max_ood_samples=24`: the run's own test split and predictions are
+    unchanged, the OOD dataset is scored next to it (the OOD table from finished runs, without retraining)."""
+    from uqlora.context import RunContext
+    from uqlora.tasks import evaluate_run
+
+    cfg = _cfg(tmp_path, "r", "model=tiny_llama", "data=obqa", "data.max_test_samples=24", "trainer.max_steps=2")
+    metrics, objs = train(cfg)
+    assert not any(k.startswith("ood_") for k in metrics["test"])
+    (objs["run_dir"] / ".hydra").mkdir(exist_ok=True)  # what Hydra writes for a command-line run
+    OmegaConf.save(cfg, objs["run_dir"] / ".hydra" / "config.yaml")
+    ecfg = compose([f"run_dir={tmp_path / 'r'}", "ood=arc_c", "max_ood_samples=24"], config_name="eval")
+    with open_dict(ecfg):
+        ecfg.print_table = False
+    m2, objs = evaluate_run(ecfg, RunContext(tmp_path / "e"))
+    for k in ("acc", "ece", "nll"):
+        assert m2["test"][k] == pytest.approx(metrics["test"][k], abs=1e-6)
+    assert 0.0 <= m2["test"]["ood_max_prob_auroc"] <= 1.0 and "ood_neg_entropy_fpr95" in m2["test"]
+    saved = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert saved["config"]["data"]["ood"] == "arc_c" and saved["metrics"]["test"]["ood_max_prob_auroc"] == m2["test"]["ood_max_prob_auroc"]

@@ -125,6 +125,10 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
                 raise UqloraError(f"ensemble member '{src.path}' has a different {key} config than '{sources[0].path}'")
     if ecfg.get("data") is not None:
         cfg.data = ecfg.data
+    if ecfg.get("ood") is not None:  # OOD detection against another dataset; the run's own splits are unchanged
+        cfg.data.ood = str(ecfg.ood)
+        cfg.data.ood_options = OmegaConf.create(OmegaConf.to_container(ecfg.ood_options) if ecfg.get("ood_options") else {})
+        cfg.data.max_ood_samples = ecfg.get("max_ood_samples")
     for key in ("eval", "logger"):
         given = _given(OmegaConf.to_container(ecfg[key], resolve=True)) if ecfg.get(key) is not None else None
         if given:
