@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 # Offline by default: tests and the demo never reach the Hugging Face hub or W&B servers.
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline TOKENIZERS_PARALLELISM=false
 
-.PHONY: install demo demo-llm test test-slow clean-outputs bench-install bench-laplace bench-swag bench-llm tables
+.PHONY: install demo demo-llm demo-minilm test test-slow clean-outputs bench-install bench-laplace bench-swag bench-llm tables
 
 install: $(VENV)/.installed
 
@@ -21,20 +21,23 @@ $(VENV)/.installed: pyproject.toml
 
 DEMO_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
 DEMO_DIR ?= multirun/demo/$(DEMO_STAMP)
-DEMO_METHODS ?= map,swag,mc_dropout
 
+# The main job: one cell of the LLM table (experiment=laplace_lora_cpu, OBQA, seed 0): SmolLM2-135M MAP, then
+# Laplace-LoRA and temperature scaling on that MAP run (train.reuse_map), and the summary table.
 demo: install
-	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_DIR)
+	$(OFFLINE) $(PY) train.py -m experiment=laplace_lora_cpu data=obqa seed=0 method=map,laplace,temperature \
+		hydra.sweep.dir=$(DEMO_DIR)
 	$(PY) experiments/summarize.py $(DEMO_DIR) --out $(DEMO_DIR)/summary.md
 
-# The LLM demo: one cell of the LLM table (experiment=laplace_lora_cpu, OBQA, seed 0): SmolLM2-135M MAP, then
-# Laplace-LoRA and temperature scaling on that MAP run (train.reuse_map), and the summary table.
-DEMO_LLM_DIR ?= multirun/demo_llm/$(DEMO_STAMP)
+demo-llm: demo
 
-demo-llm: install
-	$(OFFLINE) $(PY) train.py -m experiment=laplace_lora_cpu data=obqa seed=0 method=map,laplace,temperature \
-		hydra.sweep.dir=$(DEMO_LLM_DIR)
-	$(PY) experiments/summarize.py $(DEMO_LLM_DIR) --out $(DEMO_LLM_DIR)/summary.md
+# The first demo: MiniLM-L6 on SST-2 (MAP, SWAG, MC dropout; docs/results.md "The demo protocol").
+DEMO_MINILM_DIR ?= multirun/demo_minilm/$(DEMO_STAMP)
+DEMO_METHODS ?= map,swag,mc_dropout
+
+demo-minilm: install
+	$(OFFLINE) $(PY) train.py -m experiment=demo method=$(DEMO_METHODS) hydra.sweep.dir=$(DEMO_MINILM_DIR)
+	$(PY) experiments/summarize.py $(DEMO_MINILM_DIR) --out $(DEMO_MINILM_DIR)/summary.md
 
 # Paper tables + figures from logged runs (experiments/make_tables.py):
 #   make tables RUNS=multirun/laplace_lora_cpu/<stamp>             -> <RUNS>/tables (OUT=... to change)
