@@ -127,7 +127,7 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
         cfg.data = ecfg.data
     if ecfg.get("ood") is not None:  # OOD detection against another dataset; the run's own splits are unchanged
         cfg.data.ood = str(ecfg.ood)
-        cfg.data.ood_options = OmegaConf.create(OmegaConf.to_container(ecfg.ood_options) if ecfg.get("ood_options") else {})
+        cfg.data.ood_options = ecfg.get("ood_options") or {}
         cfg.data.max_ood_samples = ecfg.get("max_ood_samples")
     for key in ("eval", "logger"):
         given = _given(OmegaConf.to_container(ecfg[key], resolve=True)) if ecfg.get(key) is not None else None
