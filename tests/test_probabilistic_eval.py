@@ -304,3 +304,32 @@ def test_eval_scores_a_finished_run_against_an_ood_dataset(tmp_path):
     assert 0.0 <= m2["test"]["ood_max_prob_auroc"] <= 1.0 and "ood_neg_entropy_fpr95" in m2["test"]
     saved = json.loads((tmp_path / "e" / "results.json").read_text())
     assert saved["config"]["data"]["ood"] == "arc_c" and saved["metrics"]["test"]["ood_max_prob_auroc"] == m2["test"]["ood_max_prob_auroc"]
+    # ARC-C's questions are OBQA's kind of task: also scored as a shifted test set, from the saved predictions
+    z = np.load(tmp_path / "e" / "predictions" / "ood.npz")
+    assert z["labels"].shape == (24,) and (z["labels"] >= 0).all()
+    assert m2["ood"]["n"] == 24 and m2["ood"]["acc"] == pytest.approx(float((z["probs"].argmax(1) == z["labels"]).mean()))
+    nll = -np.log(z["probs"][np.arange(24), z["labels"]]).mean()
+    assert m2["ood"]["nll"] == pytest.approx(float(nll), rel=1e-5)
+    assert saved["metrics"]["ood"]["ece"] == m2["ood"]["ece"] and (tmp_path / "e" / "plots" / "reliability_ood.png").is_file()
+
+
+def test_ood_questions_with_more_choices_than_the_model_are_left_out():
+    """An OBQA model scores 4 choices; ARC-C's test split has 3 five-choice questions (and 4 three-choice ones,
+    padded): the OOD split leaves out the five-choice ones instead of failing in the middle of the evaluation."""
+    from uqlora.data import datasets as ds
+    from uqlora.data.datamodule import build_splits
+
+    cfg = compose(["data=obqa", "data.ood=arc_c"])
+    full = ds.load_split("arc_c", "test", cfg.data.data_dir)
+    ood = build_splits(cfg.data, 0)["ood"]
+    assert max(len(r["choices"]) for r in ood) == 4 and min(len(r["choices"]) for r in ood) == 3
+    assert len(ood) == len([r for r in full if len(r["choices"]) <= 4]) == len(full) - 3
+
+
+def test_a_classification_model_scores_ood_questions_as_texts_without_answers():
+    """For a classifier (MiniLM on SST-2) the OOD questions are plain texts with label -1: detection only."""
+    from uqlora.data.datamodule import build_splits
+
+    cfg = compose(["data=sst2", "data.ood=obqa"])
+    ood = build_splits(cfg.data, 0)["ood"]
+    assert len(ood) == 500 and all(r["label"] == -1 and r["text_pair"] is None for r in ood)

@@ -48,7 +48,7 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, probability_score
         if cfg.eval.get("save_predictions", True):
             atomic_npz(run_dir / "predictions" / f"{split}.npz", **{k: v for k, v in p.items() if not k.startswith("_")})
     for split, p in preds.items():
-        if split == "ood":
+        if split == "ood" and not _labelled(p):  # plain texts of another task: detection metrics only (below)
             continue
         if "n_tokens" in p:  # a generation split (token-level SFT): its own arrays and metrics
             from uqlora.sft_eval import report_split
@@ -56,7 +56,7 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, probability_score
             metrics[split] = report_split(cfg, run_dir, split, p, logger)
             continue
         m = evaluate_predictions(p["probs"], p["labels"], n_bins=n_bins, samples=p.get("samples"))
-        if "ood" in preds:
+        if "ood" in preds and split != "ood":
             o = preds["ood"]
             both = "samples" in p and "samples" in o
             m.update(evaluate_ood(p["probs"], o["probs"], samples_in=p["samples"] if both else None,
@@ -66,7 +66,7 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, probability_score
             m.update(error_detection(cfg, run_dir, split, p, uncertainty, n_bins, logger, probability_scores))
         else:
             risk_coverage(cfg, run_dir, split, p, {}, logger)
-        if cfg.eval.get("probabilistic", False):
+        if cfg.eval.get("probabilistic", False) and split != "ood":
             from uqlora.evaluation import probabilistic_report
 
             m.update(probabilistic_report(cfg, run_dir, split, p, logger))
@@ -80,6 +80,13 @@ def report(cfg, run_dir: Path, preds: dict[str, dict], logger, probability_score
         log_table(logger, f"{split}/calibration_table", ["bin_lo", "bin_hi", "confidence", "accuracy", "count"], rows)
         log_summary(logger, {f"{split}/{k}": v for k, v in m.items()})
     return metrics
+
+
+def _labelled(p: dict) -> bool:
+    """An ``ood`` split of the model's own kind of task (multiple-choice questions of another dataset) keeps its
+    answers, so it is scored as a shifted test set too (accuracy, ECE, NLL under the shift)."""
+    labels = np.asarray(p["labels"])
+    return labels.size > 0 and bool((labels >= 0).all()) and "n_tokens" not in p
 
 
 def error_detection(cfg, run_dir: Path, split: str, p: dict, uncertainty: dict, n_bins: int, logger,
@@ -137,8 +144,9 @@ def print_table(results: dict, run_dir: Path) -> None:
     table.add_column("split")
     for k in TABLE_KEYS:
         table.add_column(k.upper(), justify="right")
+    ood_name = (results.get("config", {}).get("data") or {}).get("ood")
     for split, m in results["metrics"].items():
-        table.add_row(split, *(f"{100 * m[k]:.1f}%" if k in ("acc", "ece") else f"{m[k]:.3f}" for k in TABLE_KEYS))
+        table.add_row(f"ood: {ood_name}" if split == "ood" else split, *(f"{100 * m[k]:.1f}%" if k in ("acc", "ece") else f"{m[k]:.3f}" for k in TABLE_KEYS))
     Console().print(table)
     from uqlora.sft_eval import summary_line
 

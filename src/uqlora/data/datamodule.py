@@ -109,7 +109,10 @@ def _test_split(name: str, avail: list[str]) -> str:
     return "validation"
 
 
-def _load_ood(dcfg, task: str, data_dir) -> list[dict]:
+def _load_ood(dcfg, task: str, data_dir, num_classes: int = 0) -> list[dict]:
+    """The ``ood`` split: classification models see its questions as plain texts (label -1); multiple-choice
+    models keep its choices and labels (so it is also scored as a shifted test set) and skip the questions
+    with more choices than the model scores (ARC has a few 5-choice questions; OBQA and MMLU have 4)."""
     ood_opts = dict(dcfg.get("ood_options") or {})
     ood = ds.load_split(dcfg.ood, dcfg.get("ood_split", "test"), data_dir, **ood_opts)
     ood_task = ds.get_info(dcfg.ood, **ood_opts).task
@@ -120,6 +123,14 @@ def _load_ood(dcfg, task: str, data_dir) -> list[dict]:
         return [_as_classification(r) for r in ood]
     if task == ds.MULTIPLE_CHOICE and "choices" not in ood[0]:
         raise DataError(f"data.ood='{dcfg.ood}' is a classification dataset; a multiple-choice model cannot score it")
+    if task == ds.MULTIPLE_CHOICE and num_classes:
+        kept = [r for r in ood if len(r["choices"]) <= num_classes]
+        if not kept:
+            raise DataError(f"data.ood='{dcfg.ood}': every question has more than the model's {num_classes} choices")
+        if len(kept) < len(ood):
+            log.info("data.ood=%s: %d of %d questions have more than %d choices and are left out",
+                     dcfg.ood, len(ood) - len(kept), len(ood), num_classes)
+        ood = kept
     return ood
 
 
@@ -141,7 +152,7 @@ def build_splits(dcfg, seed: int) -> dict[str, list[dict]]:
         "test": ds.load_split(name, test_split, data_dir, **opts),
     }
     if dcfg.get("ood"):
-        out["ood"] = _load_ood(dcfg, info.task, data_dir)
+        out["ood"] = _load_ood(dcfg, info.task, data_dir, info.num_classes)
     for split in out:
         out[split] = _subsample(out[split], dcfg.get(f"max_{split}_samples"), split_rng(seed, split))
     _check_splits(name, info, out, calib_wanted=len(calib_idx) > 0)
