@@ -788,3 +788,34 @@ def test_kfac_study_fits_every_definition_from_one_pass():
             torch.testing.assert_close(a.A.dense(), b.A.dense(), rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(a.G.dense(), b.G.dense(), rtol=1e-10, atol=1e-12)
 
+
+
+def test_glm_predictive_of_long_batches_is_computed_in_chunks_of_examples_with_the_same_result(tmp_path, monkeypatch):
+    """A batch whose (examples x positions x classes) rows exceed GLM_CHUNK_ROWS is split into groups of
+    examples (long MMLU questions ran out of 22 GB in one piece): the same f_mu and functional variances, for the
+    packed cloze layout of the tiny Llama; example_chunks slices per example (R rows each) and shares the rest."""
+    import uqlora.methods.laplace as la
+
+    cfg = _cfg(tmp_path, "c", "model=tiny_llama", "data=obqa", "method=laplace", "trainer.max_steps=2",
+               "data.max_train_samples=16", "data.max_val_samples=8", "data.max_test_samples=8",
+               "method.prior.method=fixed", "method.num_samples=20")
+    _, objs = train(cfg)
+    method, dm = objs["method"], objs["datamodule"]
+    batch = next(iter(dm.loader("test")))
+    B = batch["labels"].shape[0]
+    rows = batch["attention_mask"].numel() // B * method.backbone.num_classes
+    parts = list(la.example_chunks(batch, 3 * rows, method.backbone.num_classes))
+    assert [p["labels"].shape[0] for p in parts] == [3, 3, B - 6] and B == 8
+    torch.testing.assert_close(torch.cat([p["input_ids"] for p in parts]), batch["input_ids"])
+    assert len(list(la.example_chunks(batch, B * rows, method.backbone.num_classes))) == 1
+    sep = {"labels": torch.arange(4), "input_ids": torch.arange(16).reshape(16, 1),
+           "attention_mask": torch.ones(16, 1), "shared": torch.tensor(5)}
+    halves = list(la.example_chunks(sep, 4, 1))  # 4 rows (choices) per example, 1 position each: one example each
+    assert len(halves) == 4 and halves[1]["input_ids"].flatten().tolist() == [4, 5, 6, 7] and halves[3]["shared"] == 5
+
+    whole_f, whole_proj = method._glm_terms(batch)
+    monkeypatch.setattr(la, "GLM_CHUNK_ROWS", 3 * rows)
+    f, proj = method._glm_terms(batch)
+    torch.testing.assert_close(f, whole_f, rtol=1e-5, atol=1e-5)
+    post = method.posterior
+    torch.testing.assert_close(post.functional_variance(proj), post.functional_variance(whole_proj), rtol=1e-4, atol=1e-7)

@@ -94,6 +94,35 @@ class PriorConfig:
     lr: float = positive(0.1)
 
 
+# the GLM predictive's Jacobians: at most this many (example x position x class) rows of output gradients at once
+# (one batch of 32 four-choice MMLU questions, ~400 packed tokens each, is ~51k rows: 22 GB on SmolLM2-135M)
+GLM_CHUNK_ROWS = 16384
+
+
+def example_chunks(batch: dict, max_rows: int, num_classes: int = 1):
+    """``batch`` split into consecutive groups of examples, each with at most ``max_rows`` rows of
+    (positions x ``num_classes``) -- at least one example per group. Tensors (and lists) whose first dimension is a
+    multiple of the number of examples B are sliced per example (R rows each: the separate cloze layout has C
+    rows per question); the rest is shared. One group (the batch itself) when it fits."""
+    B = int(batch["labels"].shape[0])
+    mask = batch.get("attention_mask")
+    per_example = (mask.numel() // max(B, 1) if mask is not None else 1) * max(int(num_classes), 1)
+    k = max(1, max_rows // max(per_example, 1))
+    if k >= B:
+        yield batch
+        return
+
+    def part(v, i, j):
+        n = v.shape[0] if isinstance(v, torch.Tensor) and v.dim() > 0 else len(v) if isinstance(v, list) else None
+        if not n or n % B:
+            return v
+        r = n // B
+        return v[i * r: j * r]
+
+    for i in range(0, B, k):
+        yield {key: part(v, i, min(i + k, B)) for key, v in batch.items()}
+
+
 @dataclass
 class LaplaceConfig(PostHocConfig):
     name: str = "laplace"
@@ -162,7 +191,19 @@ class LaplaceMethod(PostHocMethod):
                  self.tuning["log_marglik"])
 
     def _glm_terms(self, batch):
-        """``(f_mu [B, C], projections)`` of one batch: one forward and one vmapped backward pass."""
+        """``(f_mu [B, C], projections)`` of one batch: one forward and one vmapped backward pass per chunk of
+        examples (:func:`example_chunks`: the C output gradients of every position of every layer are held at
+        once, so a batch of long questions -- MMLU's -- is split to bound that memory; per-example results)."""
+        parts = [self._glm_chunk(b) for b in example_chunks(batch, GLM_CHUNK_ROWS, self.backbone.num_classes)]
+        if len(parts) == 1:
+            return parts[0]
+        f_mu = torch.cat([f for f, _ in parts])
+        proj = [(torch.cat([p[k][0] for _, p in parts]),
+                 None if parts[0][1][k][1] is None else torch.cat([p[k][1] for _, p in parts]))
+                for k in range(len(parts[0][1]))]
+        return f_mu, proj
+
+    def _glm_chunk(self, batch):
         with torch.enable_grad():
             with capture(self.layers):
                 logits = self.backbone.logits(batch)
