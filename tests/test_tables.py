@@ -427,3 +427,38 @@ def test_paired_differences_known_answer_and_id_alignment(tmp_path, capsys):
     assert mt.main([str(root), "--out", str(tmp_path / "t"), "--figures", "none"]) == 0
     md = (tmp_path / "t" / "paired.md").read_text()
     assert "minus MAP" in md and md.count("| m | d1 | 0 |") == 2
+
+
+def test_errdet_paired_differences_known_answer(tmp_path):
+    """An AdUE run's saved scores, each against the softmax response on the same predictions: a score that ranks
+    every error above every correct prediction is 'better' by 1 - AUROC(SR) with a bootstrap standard error, SR's
+    own copy is a zero tie, a score that ranks them the wrong way round is 'worse'; make tables writes the section
+    into paired.md (no MAP run needed)."""
+    from uqlora.metrics.selective import misclassification_auroc
+    from uqlora.results.paired import errdet_compare, errdet_rows
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, 2, n)
+    p1 = rng.uniform(0.5, 1.0, n)
+    pred = np.where(rng.uniform(size=n) < p1, y, 1 - y)       # right with probability max p
+    probs = np.where(np.arange(2)[None] == pred[:, None], p1[:, None], 1 - p1[:, None])
+    correct = pred == y
+    sr = (1 - p1) / 0.5
+    root = tmp_path / "runs"
+    d = write_run(root, "0_adue", "adue", probs=probs, labels=y, metrics={"acc": float(correct.mean())})
+    np.savez(d / "predictions" / "test.npz", probs=probs, labels=y, ids=np.arange(n).astype(str), u_sr=sr,
+             u_entropy=sr.copy(), u_adue=(~correct).astype(float) + 0.01 * sr, u_mahalanobis=correct.astype(float))
+    rows = {r["score"]: r for r in errdet_rows(mt.load_runs([root]))}
+    assert set(rows) == {"entropy", "adue", "mahalanobis"}
+    assert rows["entropy"]["d_auroc"] == (0.0, 0.0) and rows["entropy"]["verdict"] == "tie"
+    base = misclassification_auroc(-sr, correct)
+    assert 0.55 < base < 0.9
+    d_adue, se = rows["adue"]["d_auroc"]
+    assert d_adue == pytest.approx(1.0 - base) and 0 < se < d_adue / 2 and rows["adue"]["verdict"] == "better"
+    assert rows["mahalanobis"]["d_auroc"][0] == pytest.approx(0.0 - base) and rows["mahalanobis"]["verdict"] == "worse"
+    assert rows["adue"]["errors"] == int((~correct).sum()) and rows["adue"]["n"] == n
+    assert errdet_compare(sr, sr, correct)[0] == 0.0
+    assert mt.main([str(root), "--out", str(tmp_path / "t"), "--figures", "none"]) == 0
+    md = (tmp_path / "t" / "paired.md").read_text()
+    assert "minus SR" in md and "minus MAP" not in md and md.count("| m | d1 | 0 | AdUE |") == 3

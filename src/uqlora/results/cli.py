@@ -17,7 +17,8 @@ Written to --out: `tables.md` (all tables and the list of missing / failed runs)
 tables; one file per table under `tex/` for \\input), `summary.csv` (long format), and `figures/*.pdf|png`:
 reliability diagrams pooled over seeds from `predictions/<split>.npz`, risk-coverage curves (mean over seeds),
 and accuracy / ECE bar charts with std error bars; and `paired.md`: every method minus MAP (``--vs``) on the same
-test examples, per seed, with the test-set standard error and a better / tie / worse verdict.
+test examples, per seed, with the test-set standard error and a better / tie / worse verdict, and for runs that
+saved error-detection scores (AdUE) each score's ROC-AUC minus the softmax response's on the same predictions.
 
 A run directory is any folder with `.hydra/` or `results.json`. A run counts as complete when its
 `results.json` parses and either says `"status": "complete"` or has no status but has `metrics`. Runs without
@@ -51,17 +52,21 @@ def write_outputs(runs: list[Run], tables: list[Table], out: Path, split: str = 
 
 
 def _write_paired(runs: list[Run], out: Path, split: str, reference: str) -> Path | None:
-    """``paired.md`` (:mod:`uqlora.results.paired`) when some cell has a ``reference`` run and another method."""
+    """``paired.md`` (:mod:`uqlora.results.paired`) when some cell has a ``reference`` run and another method, or
+    some run saved error-detection scores (each score against the softmax response)."""
     from uqlora.results.names import method_names
-    from uqlora.results.paired import paired_markdown, paired_rows
+    from uqlora.results.paired import errdet_markdown, errdet_rows, paired_markdown, paired_rows
 
     if reference == "none":
         return None
     rows = paired_rows(runs, split, reference)
-    if not rows:
+    det = errdet_rows(runs, split)
+    if not rows and not det:
         return None
+    parts = ([paired_markdown(rows, method_names(runs).get(reference, reference), split)] if rows else []) + \
+        ([errdet_markdown(det, split=split)] if det else [])
     path = Path(out) / "paired.md"
-    path.write_text(paired_markdown(rows, method_names(runs).get(reference, reference), split))
+    path.write_text("\n".join(parts))
     return path
 
 

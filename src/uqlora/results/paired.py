@@ -7,6 +7,10 @@ per-example differences, the difference in ECE with a paired bootstrap standard 
 examples for both runs), and a verdict -- ``better`` / ``worse`` when the difference is more than two standard
 errors from zero, ``tie`` otherwise. Rows: ``paired.md`` of ``make tables`` (``--vs``), and
 :func:`paired_rows` for notebooks.
+
+Runs that save error-detection scores with their predictions (``u_<score>``: AdUE runs) are also compared within
+the run: each score's error-detection ROC-AUC minus the softmax response's on the same predictions, with a paired
+bootstrap standard error (:func:`errdet_rows`; the second section of ``paired.md``).
 """
 from __future__ import annotations
 
@@ -94,4 +98,68 @@ def paired_markdown(rows: list[dict], reference: str = "MAP", split: str = "test
     for r in rows:
         cells = [f"{fmt[m].format(*r[m])} {r[f'{m}_verdict']}" for m in METRICS]
         lines.append(f"| {r['model']} | {r['data']} | {r['seed']} | {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def errdet_compare(u: np.ndarray, ref: np.ndarray, correct: np.ndarray, n_boot: int = 200,
+                   seed: int = 0) -> tuple[float, float]:
+    """Error-detection ROC-AUC of score ``u`` minus that of ``ref`` (both: higher = more likely wrong) on the same
+    predictions, with the standard error of a paired bootstrap (the same resampled examples for both; resamples
+    without an error or without a correct prediction are skipped)."""
+    from uqlora.metrics.selective import misclassification_auroc as auroc
+
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(correct), len(correct))
+        if correct[i].all() or not correct[i].any():
+            continue
+        boots.append(auroc(-u[i], correct[i]) - auroc(-ref[i], correct[i]))
+    se = float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
+    return float(auroc(-u, correct) - auroc(-ref, correct)), se
+
+
+def errdet_rows(runs: list[Run], split: str = "test", reference: str = "sr", n_boot: int = 200) -> list[dict]:
+    """One row per (run, score != reference) of the runs whose predictions hold ``u_<score>`` arrays: the score's
+    error-detection ROC-AUC minus the reference score's, its standard error and verdict (``better`` / ``worse``:
+    more than two standard errors from zero)."""
+    used, _, _ = split_runs(runs)
+    names = method_names(runs)
+    rows = []
+    for r in sorted(used, key=lambda r: tuple(map(str, (r.model, r.data, r.seed, r.method)))):
+        if r.path is None or not RunDir(r.path).predictions_path(split).is_file():
+            continue
+        p = RunDir(r.path).predictions(split)
+        scores = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in p.items() if k.startswith("u_")}
+        if f"u_{reference}" not in p or len(scores) < 2 or "probs" not in p or "labels" not in p:
+            continue
+        correct = np.asarray(p["probs"]).argmax(1) == np.asarray(p["labels"])
+        if correct.all() or not correct.any():
+            continue
+        from uqlora.results.names import SCORE_ORDER
+
+        rank = {k: i for i, k in enumerate(SCORE_ORDER)}
+        for score, u in sorted(scores.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])):
+            if score == reference:
+                continue
+            d, se = errdet_compare(u, scores[reference], correct, n_boot)
+            v = "tie" if not np.isfinite(se) or abs(d) <= 2 * se else ("better" if d > 0 else "worse")
+            rows.append({"model": r.model, "data": r.data, "seed": r.seed, "method": names.get(r.method, r.method),
+                         "score": score, "n": len(correct), "errors": int((~correct).sum()), "d_auroc": (d, se),
+                         "verdict": v})
+    return rows
+
+
+def errdet_markdown(rows: list[dict], reference: str = "sr", split: str = "test") -> str:
+    from uqlora.results.names import SCORE_NAMES
+
+    ref = SCORE_NAMES.get(reference, reference)
+    lines = [f"## Error detection: each score minus {ref}, same {split} predictions (difference +- standard error)",
+             "", "ROC-AUC of detecting the run's own errors; standard error of a paired bootstrap (200 resamples); "
+             "better / worse: more than two standard errors from zero.", "",
+             "| model | data | seed | method | n | errors | score | ΔROC-AUC |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, se = r["d_auroc"]
+        lines.append(f"| {r['model']} | {r['data']} | {r['seed']} | {r['method']} | {r['n']} | {r['errors']} | "
+                     f"{SCORE_NAMES.get(r['score'], r['score'])} | {d:+.3f} ± {se:.3f} {r['verdict']} |")
     return "\n".join(lines) + "\n"
