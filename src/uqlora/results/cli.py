@@ -127,5 +127,5 @@ def main(argv=None) -> int:
     print(f"markdown: {written['markdown']}\nlatex: {written['latex']}\ncsv: {written['csv']}\n"
           f"figures: {out / 'figures'}")
     if paired:
-        print(f"paired differences vs {args.vs}: {paired}")
+        print(f"paired differences (methods vs {args.vs}, error-detection scores vs SR): {paired}")
     return 1 if args.strict and (problems or dups) else 0
