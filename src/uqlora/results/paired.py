@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from uqlora.results.collect import Run, split_runs
-from uqlora.results.names import method_names, method_order
+from uqlora.results.names import SCORE_NAMES, method_names, method_order, score_order
 from uqlora.rundir import RunDir
 
 METRICS = ("acc", "ece", "nll")
-LOWER_IS_BETTER = {"acc": False, "ece": True, "nll": True}
+LOWER_IS_BETTER = {"acc": False, "ece": True, "nll": True, "errdet_auroc": False}
 
 
 def _predictions(run: Run, split: str) -> dict | None:
@@ -127,32 +127,24 @@ def errdet_rows(runs: list[Run], split: str = "test", reference: str = "sr", n_b
     names = method_names(runs)
     rows = []
     for r in sorted(used, key=lambda r: tuple(map(str, (r.model, r.data, r.seed, r.method)))):
-        if r.path is None or not RunDir(r.path).predictions_path(split).is_file():
-            continue
-        p = RunDir(r.path).predictions(split)
-        scores = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in p.items() if k.startswith("u_")}
-        if f"u_{reference}" not in p or len(scores) < 2 or "probs" not in p or "labels" not in p:
+        p = _predictions(r, split)
+        scores = {k[2:]: np.asarray(v, dtype=np.float64) for k, v in (p or {}).items() if k.startswith("u_")}
+        if reference not in scores or len(scores) < 2:
             continue
         correct = np.asarray(p["probs"]).argmax(1) == np.asarray(p["labels"])
         if correct.all() or not correct.any():
             continue
-        from uqlora.results.names import SCORE_ORDER
-
-        rank = {k: i for i, k in enumerate(SCORE_ORDER)}
-        for score, u in sorted(scores.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])):
+        for score in score_order(sorted(scores)):
             if score == reference:
                 continue
-            d, se = errdet_compare(u, scores[reference], correct, n_boot)
-            v = "tie" if not np.isfinite(se) or abs(d) <= 2 * se else ("better" if d > 0 else "worse")
+            d, se = errdet_compare(scores[score], scores[reference], correct, n_boot)
             rows.append({"model": r.model, "data": r.data, "seed": r.seed, "method": names.get(r.method, r.method),
                          "score": score, "n": len(correct), "errors": int((~correct).sum()), "d_auroc": (d, se),
-                         "verdict": v})
+                         "verdict": verdict("errdet_auroc", d, se)})
     return rows
 
 
 def errdet_markdown(rows: list[dict], reference: str = "sr", split: str = "test") -> str:
-    from uqlora.results.names import SCORE_NAMES
-
     ref = SCORE_NAMES.get(reference, reference)
     lines = [f"## Error detection: each score minus {ref}, same {split} predictions (difference +- standard error)",
              "", "ROC-AUC of detecting the run's own errors; standard error of a paired bootstrap (200 resamples); "
