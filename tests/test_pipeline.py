@@ -126,3 +126,30 @@ def test_custom_classification_data_end_to_end(tmp_path):
                                 "trainer.max_steps=4")
     res = _check_run_dir(objs["run_dir"], metrics, 2)
     assert res["splits"]["test"] == 16 and res["splits"]["train"] + res["splits"]["val"] + res["splits"]["calib"] == 48
+
+
+def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
+    """In a log file (no terminal) rich's bar prints nothing until the end; ``text`` logs the steps as they go."""
+    import io
+    import logging
+
+    from uqlora.callbacks.progress import resolve_progress_bar
+    from uqlora.errors import UqloraError
+    from uqlora.validate import validate_config
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert resolve_progress_bar("auto", Tty()) == "rich" and resolve_progress_bar("auto", io.StringIO()) == "text"
+    assert resolve_progress_bar("none", Tty()) == "none"
+    with pytest.raises(UqloraError, match=r"progress_bar.*fancy.*auto.*rich.*text.*none"):
+        validate_config(compose([*FAST, "progress_bar=fancy"]))
+    with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
+        _train(tmp_path, "model=tiny_bert", "data=sst2", "trainer.max_steps=40", "trainer.val_check_interval=20",
+               "data.max_test_samples=8", "data.batch_size=4", "progress_bar=text")
+    lines = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+    # every 5% of 40 steps = every 2 steps: 20 lines, the last at 100% with nothing left
+    assert len(lines) == 20 and lines[0].startswith("train: step 2/40 (5%)"), lines[:2]
+    assert lines[-1].startswith("train: step 40/40 (100%)") and "~0m00s left" in lines[-1]
+    assert all("loss " in line and "elapsed" in line for line in lines)

@@ -103,11 +103,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
     method and every wrapper of it."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
+    from uqlora.callbacks.progress import LineProgress, resolve_progress_bar
+
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["strategy"] = make_strategy(t.get("strategy", "auto"))
     cbs = list(callbacks)
-    if cfg.get("progress_bar", "rich") == "rich":
+    progress = resolve_progress_bar(cfg.get("progress_bar", "auto"))
+    if progress == "rich":
         cbs.append(RichProgressBar(leave=True))
+    elif progress == "text":
+        cbs.append(LineProgress())
     if logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     has_ckpt = any(isinstance(c, ModelCheckpoint) for c in cbs)
@@ -117,7 +122,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
 
         try:
             return pl.Trainer(logger=logger, callbacks=cbs, default_root_dir=str(run_dir), enable_checkpointing=has_ckpt,
-                              enable_progress_bar=cfg.get("progress_bar", "rich") != "none",
+                              enable_progress_bar=progress == "rich",
                               inference_mode=False, **{**t, **over})
         except MisconfigurationException as e:  # e.g. trainer=fsdp / accelerator=gpu without a GPU
             strat = cfg.trainer.get("strategy", "auto")

@@ -74,7 +74,7 @@ RULES: dict[str, Check] = {
     "eval.sft.silhouette_tokens": int_at_least(1),
     "eval.sft.silhouette_max_points": int_at_least(2),
     "logger.kind": one_of("wandb", "csv", "none"),
-    "progress_bar": one_of("rich", "none"),
+    "progress_bar": one_of("auto", "rich", "text", "none"),
 }
 SPLITS = ("train", "val", "calib", "test")
 

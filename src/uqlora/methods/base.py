@@ -122,7 +122,7 @@ class UQMethod(pl.LightningModule):
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
         self.precision = str(cfg.model.get("precision", "32-true"))
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-        self.show_progress = cfg.get("progress_bar", "rich") != "none"
+        self.show_progress = cfg.get("progress_bar", "auto") != "none"
         # validation accuracy and ECE as torchmetrics: accumulated over the epoch and summed across DDP processes
         from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
