@@ -153,3 +153,33 @@ def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
     assert len(lines) == 20 and lines[0].startswith("train: step 2/40 (5%)"), lines[:2]
     assert lines[-1].startswith("train: step 40/40 (100%)") and "~0m00s left" in lines[-1]
     assert all("loss " in line and "elapsed" in line for line in lines)
+
+
+def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch, caplog):
+    """On a CPU without AVX512-BF16 / AMX, bf16 autocast is emulated (~18x slower than float32 for SmolLM2);
+    ``auto`` then trains in float32, and results.json says what was used."""
+    import logging
+
+    import uqlora.models.precision as prec
+    from uqlora.errors import UqloraError
+    from uqlora.validate import validate_config
+
+    monkeypatch.setattr(prec.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: True)
+    assert prec.effective_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(prec, "cpu_has_native_bf16", lambda: False)
+    assert prec.effective_precision("auto", "cpu") == "32-true"
+    assert prec.effective_precision("auto", "auto") == "32-true"  # no GPU here
+    prec._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="uqlora.models.precision"):
+        assert prec.effective_precision("bf16-mixed", "cpu") == "bf16-mixed"  # an explicit value is kept ...
+    assert any("emulated" in r.getMessage() for r in caplog.records)      # ... with a warning
+    assert prec.effective_precision("32-true", "cpu") == "32-true"
+    assert compose(["model=smollm2_135m"]).model.precision == "auto"
+    with pytest.raises(UqloraError, match=r"model.precision='fp8' is impossible; valid: .*auto.*32-true.*bf16-mixed"):
+        validate_config(compose([*FAST, "model.precision=fp8"]))
+    _, _, objs = _train(tmp_path, "model=tiny_llama", "data=sst2", "model.precision=auto", "trainer.max_steps=2",
+                        "data.max_test_samples=8", "data.batch_size=4")
+    assert objs["method"].precision == "32-true" and objs["method"].trainer.precision == "32-true"
+    hw = json.loads((objs["run_dir"] / "results.json").read_text())["hardware"]
+    assert hw["precision"] == "32-true" and hw["cpu_native_bf16"] is False and hw["cuda"] is None

@@ -17,6 +17,7 @@ from uqlora.errors import UqloraError
 from uqlora.methods import get_method
 from uqlora.models.backbone import build_backbone, resolve_head
 from uqlora.models.loading import load_pretrained
+from uqlora.models.precision import effective_precision
 from uqlora.models.sft import build_sft_backbone
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
     from uqlora.callbacks.progress import LineProgress, resolve_progress_bar
 
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
+    t["precision"] = effective_precision(t.get("precision", "32-true"), t.get("accelerator", "cpu"))
     t["strategy"] = make_strategy(t.get("strategy", "auto"))
     cbs = list(callbacks)
     progress = resolve_progress_bar(cfg.get("progress_bar", "auto"))

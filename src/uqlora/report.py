@@ -28,6 +28,21 @@ def _versions() -> dict:
     return out
 
 
+def _hardware(cfg) -> dict:
+    """Where the numbers were computed: the effective precision (``auto`` resolved), the CPU's vector
+    instructions and the GPU, if any."""
+    import torch
+
+    from uqlora.models.precision import cpu_has_native_bf16, effective_precision
+
+    trainer = cfg.get("trainer") or {}
+    model = cfg.get("model") or {}
+    accelerator = str(trainer.get("accelerator", "cpu"))
+    return {"precision": effective_precision(model.get("precision", trainer.get("precision", "32-true")), accelerator),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_native_bf16": cpu_has_native_bf16(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def _git() -> dict:
     root = Path(__file__).resolve().parents[2]
     try:
@@ -130,7 +145,7 @@ def write_results(run_dir: Path, cfg, metrics: dict, timings: dict, extra: dict 
         "method": cfg.method.name, "method_label": label or str(cfg.method.name), "model": cfg.model.name, "data": cfg.data.name,
         "seed": int(cfg.seed),
         "run_dir": str(run_dir), "metrics": metrics, "timings": timings, **(extra or {}),
-        "versions": _versions(), "git": _git(), "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "hardware": _hardware(cfg), "versions": _versions(), "git": _git(), "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     }
     RunDir(run_dir).write_results(results)
     return results

@@ -75,6 +75,7 @@ RULES: dict[str, Check] = {
     "eval.sft.silhouette_max_points": int_at_least(2),
     "logger.kind": one_of("wandb", "csv", "none"),
     "progress_bar": one_of("auto", "rich", "text", "none"),
+    "model.precision": one_of("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"),
 }
 SPLITS = ("train", "val", "calib", "test")
 

@@ -30,6 +30,7 @@ from uqlora.core.scores import entropy_of_logits
 from uqlora.core.sft import row_weights, token_scores
 from uqlora.errors import UqloraError
 from uqlora.models.base import param_groups
+from uqlora.models.precision import effective_precision
 
 
 def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, eps: float | torch.Tensor = 0.0,
@@ -120,8 +121,8 @@ class UQMethod(pl.LightningModule):
         self.token_reduction = str(cfg.loss.get("token_reduction", "sample"))  # token-level SFT: see row_loss_args
         row_weights(torch.zeros(1, dtype=torch.long), 1, self.token_reduction)  # validate the spelling
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
-        self.precision = str(cfg.model.get("precision", "32-true"))
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
+        self.precision = effective_precision(cfg.model.get("precision", "32-true"), self.accelerator)
         self.show_progress = cfg.get("progress_bar", "auto") != "none"
         # validation accuracy and ECE as torchmetrics: accumulated over the epoch and summed across DDP processes
         from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
