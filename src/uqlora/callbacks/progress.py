@@ -15,9 +15,6 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
-PROGRESS_BARS = ("auto", "rich", "text", "none")
-
-
 def resolve_progress_bar(value: str, stdout=None) -> str:
     """``auto`` -> ``rich`` on a terminal, else ``text``; the other values are returned as they are."""
     if value != "auto":
@@ -39,7 +36,6 @@ class LineProgress(Callback):
         if not 0 < every <= 1:
             raise ValueError(f"LineProgress: every={every!r}; valid: a fraction in (0, 1]")
         self.every = every
-        self.lines: list[str] = []
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = trainer.estimated_stepping_batches
@@ -66,7 +62,5 @@ class LineProgress(Callback):
         parts.append(f"{_clock(elapsed)} elapsed")
         if self.total and done > 0:
             parts.append(f"~{_clock(elapsed / done * (self.total - step))} left")
-        line = ", ".join(parts)
-        self.lines.append(line)
         if trainer.is_global_zero:
-            log.info(line)
+            log.info(", ".join(parts))
