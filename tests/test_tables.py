@@ -429,6 +429,40 @@ def test_paired_differences_known_answer_and_id_alignment(tmp_path, capsys):
     assert "minus MAP" in md and md.count("| m | d1 | 0 |") == 2
 
 
+def test_cells_of_mixed_precision_are_named(tmp_path, capsys):
+    """A run's precision is hardware.precision of its results.json, else its config's model.precision unless
+    auto; a cell (model, data, seed) whose runs differ is named in tables.md and on stdout, its paired.md row says
+    the two precisions, and the runs list has a precision column; a cell of one precision is not named."""
+    from uqlora.results.paired import paired_rows
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 50)
+    q = rng.dirichlet([1, 1], 50)
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        d = write_run(root, f"0_map_s{seed}", "map", seed=seed, probs=q, labels=y, metrics={"acc": 0.5})
+        res = json.loads((d / "results.json").read_text())
+        res["config"]["model"]["precision"] = "bf16-mixed"          # a run from before model.precision=auto
+        (d / "results.json").write_text(json.dumps(res))
+    write_run(root, "1_blob_s0", "blob", seed=0, probs=q, labels=y, metrics={"acc": 0.5},
+              extra={"hardware": {"precision": "32-true", "cpu_native_bf16": False}})
+    write_run(root, "1_blob_s1", "blob", seed=1, probs=q, labels=y, metrics={"acc": 0.5},
+              extra={"hardware": {"precision": "bf16-mixed"}})
+    runs = mt.load_runs([root])
+    assert {(r.method, r.seed): r.precision for r in runs} == {
+        ("map", 0): "bf16-mixed", ("map", 1): "bf16-mixed", ("blob", 0): "32-true", ("blob", 1): "bf16-mixed"}
+    lines = mt.precision_lines(runs)
+    assert lines == ["mixed precision in m / d1 / seed 0: 32-true: blob; bf16-mixed: map"]
+    rows = {(r["seed"], r["method"]) for r in paired_rows(runs)}
+    assert rows == {(0, "blob (32-true; MAP bf16-mixed)"), (1, "blob")}
+    assert mt.main([str(root), "--out", str(tmp_path / "t"), "--figures", "none"]) == 0
+    assert lines[0] in capsys.readouterr().out
+    md = (tmp_path / "t" / "tables.md").read_text()
+    assert "## Cells of mixed precision" in md and lines[0] in md and "seed 1:" not in md
+    assert "| time (s) | precision |" in md and md.count("| 32-true |") == 1
+    assert "blob (32-true; MAP bf16-mixed)" in (tmp_path / "t" / "paired.md").read_text()
+
+
 def test_errdet_paired_differences_known_answer(tmp_path):
     """An AdUE run's saved scores, each against the softmax response on the same predictions: a score that ranks
     every error above every correct prediction is 'better' by 1 - AUROC(SR) with a bootstrap standard error, SR's

@@ -19,7 +19,7 @@ from uqlora.results.aggregate import (Cell, Table, build_tables, higher_is_bette
 from uqlora.results.cli import main, write_outputs
 from uqlora.results.collect import (COMPLETE, FAILED, MISSING, NOT_STARTED, REFUSED, UNREADABLE, Run,
                                     TablesError, discover, expected_jobs, load_runs, not_started, read_run,
-                                    run_from_results, split_runs, status_lines)
+                                    precision_lines, run_from_results, split_runs, status_lines)
 from uqlora.results.figures import FIGURES, make_figures, mean_risk_coverage, pooled_reliability
 from uqlora.results.names import display_name, method_names, method_order
 from uqlora.results.paired import paired_markdown, paired_rows
@@ -30,6 +30,6 @@ __all__ = ["COMPLETE", "FAILED", "FIGURES", "MISSING", "NOT_STARTED", "REFUSED",
            "Table", "TablesError", "build_tables", "discover", "display_name", "expected_jobs", "higher_is_better",
            "load_runs", "load_wandb", "main", "make_figures", "markdown_report", "mean_risk_coverage",
            "method_names", "method_order", "not_started", "observations", "paired_markdown", "paired_rows",
-           "pooled_reliability", "read_run",
+           "pooled_reliability", "precision_lines", "read_run",
            "run_from_results", "runs_table", "split_runs", "status_lines", "summary_frame", "summary_rows",
            "to_latex", "to_markdown", "write_outputs", "write_tables"]

@@ -24,7 +24,9 @@ A run directory is any folder with `.hydra/` or `results.json`. A run counts as 
 `results.json` parses and either says `"status": "complete"` or has no status but has `metrics`. Runs without
 `results.json` (still running or killed), with a truncated / unparsable one, or with `"status": "failed"` are
 listed -- on stdout and in `tables.md` -- never silently dropped; so are the jobs of a sweep folder
-(`multirun.yaml`) that never started, and duplicate runs of the same cell (the newest is used).
+(`multirun.yaml`) that never started, and duplicate runs of the same cell (the newest is used). Each run's numeric
+precision (`hardware.precision` of its results.json) is in the runs list; a cell whose runs were made in different
+precisions is named in `tables.md` and on stdout, and its paired.md rows say so.
 `--strict` makes any of these exit with status 1.
 """
 from __future__ import annotations
@@ -36,7 +38,8 @@ from typing import Iterable
 
 from uqlora.errors import UqloraError
 from uqlora.results.aggregate import VIEWS, Table, build_tables
-from uqlora.results.collect import COMPLETE, Run, TablesError, load_runs, split_runs, status_lines
+from uqlora.results.collect import (COMPLETE, Run, TablesError, load_runs, precision_lines, split_runs,
+                                    status_lines)
 from uqlora.results.figures import FIGURES, make_figures
 from uqlora.results.render import write_tables
 
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
         return 2
     used, problems, dups = split_runs(runs)
     print(f"{len(used)} complete runs -> {len(tables)} tables, {len(written['figures'])} figure files")
-    for ln in status_lines(runs):
+    for ln in status_lines(runs) + precision_lines(runs):
         print(ln)
     for n in written["notes"]:
         print(n)

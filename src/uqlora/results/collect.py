@@ -24,7 +24,7 @@ from uqlora.rundir import COMPLETE, FAILED, MISSING, REFUSED, UNREADABLE, RunDir
 NOT_STARTED = "not started"
 __all__ = ["COMPLETE", "FAILED", "MISSING", "NOT_STARTED", "REFUSED", "UNREADABLE", "Run", "TablesError",
            "discover", "expected_jobs", "load_runs", "not_started", "read_run", "run_from_results", "split_runs",
-           "status_lines"]
+           "precision_lines", "status_lines"]
 
 
 class TablesError(UqloraError):
@@ -56,6 +56,18 @@ class Run:
     @property
     def cell(self) -> tuple:
         return (self.model, self.data, self.method, self.seed)
+
+    @property
+    def precision(self) -> str:
+        """The numeric precision the run trained and predicted in: ``hardware.precision`` of its results.json
+        (runs since model.precision=auto), else its config's ``model.precision`` unless that says auto; "" when
+        unknown."""
+        hw = self.results.get("hardware")
+        if isinstance(hw, dict) and hw.get("precision"):
+            return str(hw["precision"])
+        cfg = self.results.get("config") if isinstance(self.results.get("config"), dict) else {}
+        prec = str((cfg.get("model") or {}).get("precision") or "") if isinstance(cfg.get("model"), dict) else ""
+        return "" if prec == "auto" else prec
 
     def describe(self) -> str:
         where = f" ({self.path})" if self.path else ""
@@ -212,4 +224,21 @@ def status_lines(runs: list[Run]) -> list[str]:
     _, problems, dups = split_runs(runs)
     lines = [f"{r.status}: {r.describe()}: {r.error}" for r in problems]
     lines += [f"duplicate (older, not used): {r.describe()}" for r in dups]
+    return lines
+
+
+def precision_lines(runs: list[Run]) -> list[str]:
+    """One line per cell (model, dataset, seed) whose runs in the tables were made in different numeric precisions
+    (e.g. a bf16 MAP beside a float32 BLoB run on a CPU without bf16): their paired differences then mix the
+    methods' effect with the precision's. Empty when every cell is of one precision (or it is unknown)."""
+    used, _, _ = split_runs(runs)
+    cells: dict[tuple, dict[str, list[str]]] = {}
+    for r in used:
+        if r.precision:
+            cells.setdefault((r.model, r.data, r.seed), {}).setdefault(r.precision, []).append(r.method)
+    lines = []
+    for (model, data, seed), by_prec in sorted(cells.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        if len(by_prec) > 1:
+            parts = "; ".join(f"{p}: {', '.join(sorted(ms))}" for p, ms in sorted(by_prec.items()))
+            lines.append(f"mixed precision in {model} / {data} / seed {seed}: {parts}")
     return lines

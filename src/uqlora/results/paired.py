@@ -84,7 +84,11 @@ def paired_rows(runs: list[Run], split: str = "test", reference: str = "map", n_
                 continue
             a, b, y = _align(p, ref)
             d = compare(a, b, y, n_boot)
-            rows.append({"model": model, "data": data, "seed": seed, "method": names.get(method, method), "n": len(y),
+            name = names.get(method, method)
+            prec, ref_prec = cell[method].precision, cell[reference].precision
+            if prec and ref_prec and prec != ref_prec:  # the difference also holds the precision's effect
+                name += f" ({prec}; {names.get(reference, reference)} {ref_prec})"
+            rows.append({"model": model, "data": data, "seed": seed, "method": name, "n": len(y),
                          **{m: d[m] for m in METRICS}, **{f"{m}_verdict": verdict(m, *d[m]) for m in METRICS}})
     return rows
 

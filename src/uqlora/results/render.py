@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from uqlora.results.aggregate import PERCENT, Table, higher_is_better, summary_rows
-from uqlora.results.collect import Run, split_runs, status_lines
+from uqlora.results.collect import Run, precision_lines, split_runs, status_lines
 from uqlora.results.names import DATA_NAMES, METRIC_NAMES
 
 CSV_FIELDS = ["model", "split", "metric", "row", "data", "mean", "std", "n", "best"]
@@ -78,7 +78,7 @@ RUN_COLUMNS = [("acc", "ACC", True), ("ece", "ECE", True), ("nll", "NLL", False)
 
 def runs_table(runs: list[Run], split: str = "test") -> str:
     """One line per complete run (method, model, data, seed, the main metrics, time)."""
-    head = ["method", "model", "data", "seed"] + [c[1] for c in RUN_COLUMNS] + ["time (s)"]
+    head = ["method", "model", "data", "seed"] + [c[1] for c in RUN_COLUMNS] + ["time (s)", "precision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     used, _, _ = split_runs(runs)
     for r in sorted(used, key=lambda r: (r.data, r.model, r.method, r.seed if r.seed is not None else -1)):
@@ -89,6 +89,7 @@ def runs_table(runs: list[Run], split: str = "test") -> str:
             cells.append("-" if not isinstance(v, (int, float)) else (f"{100 * v:.1f}%" if pct else f"{v:.3f}"))
         total = (r.results.get("timings") or {}).get("total")
         cells.append("-" if total is None else f"{total:.0f}")
+        cells.append(r.precision or "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,6 +106,11 @@ def markdown_report(runs: list[Run], tables: list[Table], split: str = "test") -
     parts += ["## Missing / failed runs", ""]
     lines = status_lines(runs)
     parts += [f"- {ln}" for ln in lines] if lines else ["none"]
+    mixed = precision_lines(runs)
+    if mixed:
+        parts += ["", "## Cells of mixed precision", "",
+                  "Their paired differences mix the method's effect with the precision's (bf16 vs float32).", ""]
+        parts += [f"- {ln}" for ln in mixed]
     parts += ["", "## Runs", "", runs_table(runs, split), ""]
     return "\n".join(parts)
 
