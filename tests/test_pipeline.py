@@ -148,11 +148,37 @@ def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
         _train(tmp_path, "model=tiny_bert", "data=sst2", "trainer.max_steps=40", "trainer.val_check_interval=20",
                "data.max_test_samples=8", "data.batch_size=4", "progress_bar=text")
-    lines = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "uqlora.callbacks.progress" and r.getMessage().startswith("train:")]
     # every 5% of 40 steps = every 2 steps: 20 lines, the last at 100% with nothing left
     assert len(lines) == 20 and lines[0].startswith("train: step 2/40 (5%)"), lines[:2]
     assert lines[-1].startswith("train: step 40/40 (100%)") and "~0m00s left" in lines[-1]
     assert all("loss " in line and "elapsed" in line for line in lines)
+    # prediction passes: a line every 10% of the batches once the pass is older than quiet_s (short ones: none)
+    from types import SimpleNamespace
+
+    from uqlora.callbacks.progress import LineProgress
+
+    trainer = SimpleNamespace(num_predict_batches=[20], is_global_zero=True)
+    for quiet_s, expected in ((0.0, 10), (1e9, 0)):
+        cb = LineProgress(quiet_s=quiet_s)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
+            cb.on_predict_start(trainer, None)
+            for b in range(20):
+                cb.on_predict_batch_end(trainer, None, None, None, b)
+        got = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+        assert len(got) == expected and cb.p_done == 20, got
+    cb = LineProgress(quiet_s=0.0)
+    with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
+        cb.on_predict_start(trainer, None)
+        for b in range(20):
+            cb.on_predict_batch_end(trainer, None, None, None, b)
+    got = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+    assert got[0].startswith("predict: batch 2/20 (10%)") and got[-1].startswith("predict: batch 20/20 (100%)")
+    assert "~0m00s left" in got[-1]
+    with pytest.raises(ValueError, match=r"predict_every=0"):
+        LineProgress(predict_every=0)
 
 
 def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch, caplog):

@@ -2,7 +2,9 @@
 
 Rich's live progress bar draws nothing until the end when stdout is not a terminal, so a 20-minute training in
 the background looked stuck. ``progress_bar=text`` (what ``auto`` picks without a terminal) logs one line every
-5% of the optimiser steps instead: step, epoch, last training loss, elapsed time and an estimate of the rest.
+5% of the optimiser steps instead: step, epoch, last training loss, elapsed time and an estimate of the rest --
+and, for the prediction passes (a sampling method's test pass over ARC takes 15-25 minutes on a CPU), a line every
+10% of the batches once a pass has run longer than ``quiet_s`` seconds.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def _clock(seconds: float) -> str:
 
 class LineProgress(Callback):
     """Logs ``train: step s/S (p%), epoch e/E, loss l, <elapsed> elapsed, ~<rest> left`` every ``every`` of the
-    optimiser steps (and at the last one)."""
+    optimiser steps (and at the last one); ``predict: batch b/B (p%), <elapsed> elapsed, ~<rest> left`` every
+    ``predict_every`` of a prediction pass's batches once the pass is older than ``quiet_s`` seconds (short passes
+    stay silent)."""
 
-    def __init__(self, every: float = 0.05):
-        if not 0 < every <= 1:
-            raise ValueError(f"LineProgress: every={every!r}; valid: a fraction in (0, 1]")
-        self.every = every
+    def __init__(self, every: float = 0.05, predict_every: float = 0.1, quiet_s: float = 10.0):
+        for name, v in (("every", every), ("predict_every", predict_every)):
+            if not 0 < v <= 1:
+                raise ValueError(f"LineProgress: {name}={v!r}; valid: a fraction in (0, 1]")
+        self.every, self.predict_every, self.quiet_s = every, predict_every, quiet_s
 
     def on_train_start(self, trainer, pl_module) -> None:
         total = trainer.estimated_stepping_batches
@@ -62,5 +67,26 @@ class LineProgress(Callback):
         parts.append(f"{_clock(elapsed)} elapsed")
         if self.total and done > 0:
             parts.append(f"~{_clock(elapsed / done * (self.total - step))} left")
+        if trainer.is_global_zero:
+            log.info(", ".join(parts))
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        n = trainer.num_predict_batches
+        total = sum(n) if isinstance(n, (list, tuple)) else n
+        self.p_total = int(total) if total is not None and math.isfinite(total) else None
+        self.p_stride = max(1, math.ceil(self.p_total * self.predict_every)) if self.p_total else 10
+        self.p_done = 0
+        self.p_t0 = time.monotonic()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.p_done += 1
+        done = self.p_done
+        elapsed = time.monotonic() - self.p_t0
+        if elapsed < self.quiet_s or not (done % self.p_stride == 0 or done == self.p_total):
+            return
+        parts = [f"predict: batch {done}/{self.p_total} ({100 * done / self.p_total:.0f}%)" if self.p_total
+                 else f"predict: batch {done}", f"{_clock(elapsed)} elapsed"]
+        if self.p_total:
+            parts.append(f"~{_clock(elapsed / done * (self.p_total - done))} left")
         if trainer.is_global_zero:
             log.info(", ".join(parts))
