@@ -160,21 +160,19 @@ def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
     from uqlora.callbacks.progress import LineProgress
 
     trainer = SimpleNamespace(num_predict_batches=[20], is_global_zero=True)
-    for quiet_s, expected in ((0.0, 10), (1e9, 0)):
+
+    def predict_pass(quiet_s):
         cb = LineProgress(quiet_s=quiet_s)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
             cb.on_predict_start(trainer, None)
             for b in range(20):
                 cb.on_predict_batch_end(trainer, None, None, None, b)
-        got = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+        return cb, [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
+
+    for quiet_s, expected in ((1e9, 0), (0.0, 10)):
+        cb, got = predict_pass(quiet_s)
         assert len(got) == expected and cb.p_done == 20, got
-    cb = LineProgress(quiet_s=0.0)
-    with caplog.at_level(logging.INFO, logger="uqlora.callbacks.progress"):
-        cb.on_predict_start(trainer, None)
-        for b in range(20):
-            cb.on_predict_batch_end(trainer, None, None, None, b)
-    got = [r.getMessage() for r in caplog.records if r.name == "uqlora.callbacks.progress"]
     assert got[0].startswith("predict: batch 2/20 (10%)") and got[-1].startswith("predict: batch 20/20 (100%)")
     assert "~0m00s left" in got[-1]
     with pytest.raises(ValueError, match=r"predict_every=0"):

@@ -17,12 +17,30 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
+
 def resolve_progress_bar(value: str, stdout=None) -> str:
     """``auto`` -> ``rich`` on a terminal, else ``text``; the other values are returned as they are."""
     if value != "auto":
         return value
     out = sys.stdout if stdout is None else stdout
     return "rich" if getattr(out, "isatty", lambda: False)() else "text"
+
+
+def _finite(total) -> int | None:
+    return int(total) if total is not None and math.isfinite(total) else None
+
+
+def _position(what: str, n: int, total: int | None) -> str:
+    """``step 100/250 (40%)``, or ``step 100`` when the total is unknown."""
+    return f"{what} {n}/{total} ({100 * n / total:.0f}%)" if total else f"{what} {n}"
+
+
+def _timing(elapsed: float, done: int, left: int | None) -> list[str]:
+    """Elapsed time and, with ``done`` units behind and ``left`` to go, the estimate of the rest."""
+    out = [f"{_clock(elapsed)} elapsed"]
+    if left is not None and done > 0:
+        out.append(f"~{_clock(elapsed / done * left)} left")
+    return out
 
 
 def _clock(seconds: float) -> str:
@@ -43,8 +61,7 @@ class LineProgress(Callback):
         self.every, self.predict_every, self.quiet_s = every, predict_every, quiet_s
 
     def on_train_start(self, trainer, pl_module) -> None:
-        total = trainer.estimated_stepping_batches
-        self.total = int(total) if total is not None and math.isfinite(total) else None
+        self.total = _finite(trainer.estimated_stepping_batches)
         self.stride = max(1, math.ceil(self.total * self.every)) if self.total else 50
         self.start_step = trainer.global_step
         self.t0 = time.monotonic()
@@ -57,23 +74,19 @@ class LineProgress(Callback):
         self.last = step
         elapsed = time.monotonic() - self.t0
         done = step - self.start_step
-        parts = [f"train: step {step}/{self.total} ({100 * step / self.total:.0f}%)" if self.total
-                 else f"train: step {step}"]
+        parts = ["train: " + _position("step", step, self.total)]
         if trainer.max_epochs and trainer.max_epochs > 0:
             parts.append(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
-        parts.append(f"{_clock(elapsed)} elapsed")
-        if self.total and done > 0:
-            parts.append(f"~{_clock(elapsed / done * (self.total - step))} left")
+        parts += _timing(elapsed, done, self.total - step if self.total else None)
         if trainer.is_global_zero:
             log.info(", ".join(parts))
 
     def on_predict_start(self, trainer, pl_module) -> None:
         n = trainer.num_predict_batches
-        total = sum(n) if isinstance(n, (list, tuple)) else n
-        self.p_total = int(total) if total is not None and math.isfinite(total) else None
+        self.p_total = _finite(sum(n) if isinstance(n, (list, tuple)) else n)
         self.p_stride = max(1, math.ceil(self.p_total * self.predict_every)) if self.p_total else 10
         self.p_done = 0
         self.p_t0 = time.monotonic()
@@ -84,9 +97,7 @@ class LineProgress(Callback):
         elapsed = time.monotonic() - self.p_t0
         if elapsed < self.quiet_s or not (done % self.p_stride == 0 or done == self.p_total):
             return
-        parts = [f"predict: batch {done}/{self.p_total} ({100 * done / self.p_total:.0f}%)" if self.p_total
-                 else f"predict: batch {done}", f"{_clock(elapsed)} elapsed"]
-        if self.p_total:
-            parts.append(f"~{_clock(elapsed / done * (self.p_total - done))} left")
+        parts = ["predict: " + _position("batch", done, self.p_total)]
+        parts += _timing(elapsed, done, self.p_total - done if self.p_total else None)
         if trainer.is_global_zero:
             log.info(", ".join(parts))

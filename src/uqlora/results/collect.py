@@ -65,8 +65,8 @@ class Run:
         hw = self.results.get("hardware")
         if isinstance(hw, dict) and hw.get("precision"):
             return str(hw["precision"])
-        cfg = self.results.get("config") if isinstance(self.results.get("config"), dict) else {}
-        prec = str((cfg.get("model") or {}).get("precision") or "") if isinstance(cfg.get("model"), dict) else ""
+        model = (self.results.get("config") or {}).get("model")
+        prec = str(model.get("precision") or "") if isinstance(model, dict) else ""
         return "" if prec == "auto" else prec
 
     def describe(self) -> str:
