@@ -11,7 +11,7 @@ MAX_LINES = 420
 # config -> data -> backbone -> core math -> methods -> predictions -> report -> orchestration -> entry helpers.
 # A module may import its own layer and the layers below; the first matching prefix gives the layer.
 LAYERS = [
-    ("foundation", ("errors", "io", "schema", "context", "distributed", "rundir", "logging_utils")),
+    ("foundation", ("errors", "io", "schema", "context", "distributed", "rundir", "logging_utils", "progress")),
     ("data", ("data",)),
     ("models", ("models",)),
     ("metrics", ("metrics",)),

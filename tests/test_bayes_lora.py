@@ -1,6 +1,7 @@
 """BLoB and TFB (and, through SAMPLED, every Gaussian-LoRA method registered, e.g. ScalaBL): known answers in float64 on a tiny peft LoRA net (flipout moments, weight draws, KLs,
 the KL schedule, TFB's reparameterisation and search), a toy problem with a known posterior, and end to end
 runs (tiny models; MiniLM and SmolLM2 subsampled) whose saved state eval.py reloads to identical predictions."""
+import logging
 import json
 import math
 from fractions import Fraction
@@ -470,7 +471,7 @@ class _Poison(list):
     __iter__ = __getitem__ = __len__ = __bool__ = _no
 
 
-def test_tfb_search_reads_only_the_training_split(tmp_path):
+def test_tfb_search_reads_only_the_training_split(tmp_path, monkeypatch, caplog):
     from uqlora.build import setup
 
     cfg = _cfg(tmp_path, "tfb", *HEADS["classifier"][0], *TINY, "method=tfb", "method.anchor_size=10",
@@ -485,8 +486,13 @@ def test_tfb_search_reads_only_the_training_split(tmp_path):
             layer.lora_B["default"].weight.normal_(0, 0.5)
     for split in ("val", "calib", "test", "ood"):
         dm.records[split] = _Poison()
-    method.posthoc_fit(dm)
+    monkeypatch.setattr("uqlora.progress.QUIET_S", 0.0)
+    method.progress_mode = "text"  # as in a log file: one line per searched sigma's pass over the anchors
+    with caplog.at_level(logging.INFO, logger="uqlora.progress"):
+        method.posthoc_fit(dm)
     t = method.tuning
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TFB: sigma ")]
+    assert len(passes) >= len(t["search_sigmas"]) and "(search 1/<=5, 2 draws): " in passes[0], passes[:2]
     assert t["n_anchor"] == 10 and 0.001 <= t["sigma"] < 5.0 and len(t["search_sigmas"]) >= 4
     within = [c <= 0.003 for c in t["search_changes"]]
     assert any(within) and not all(within)  # a real search: both sides of the tolerance were seen

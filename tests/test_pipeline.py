@@ -133,7 +133,7 @@ def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
     import io
     import logging
 
-    from uqlora.callbacks.progress import resolve_progress_bar
+    from uqlora.progress import resolve_progress_bar
     from uqlora.errors import UqloraError
     from uqlora.validate import validate_config
 
@@ -177,6 +177,41 @@ def test_text_progress_logs_lines_without_a_terminal(tmp_path, caplog):
     assert "~0m00s left" in got[-1]
     with pytest.raises(ValueError, match=r"predict_every=0"):
         LineProgress(predict_every=0)
+
+
+def test_track_logs_the_loops_outside_the_trainer(caplog, monkeypatch):
+    """Post-hoc fits and sampling passes (a TFB search over ARC: two hours) get the same lines in a log file."""
+    import io
+    import logging
+
+    import uqlora.progress as progress
+    from uqlora.progress import track
+
+    def lines(items, **kw):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="uqlora.progress"):
+            out = list(track(items, "TFB: sigma 0.2", "text", **kw))
+        assert out == list(range(len(out))) and len(out) in (20, 25)  # every item passes through, in order
+        return [r.getMessage() for r in caplog.records if r.name == "uqlora.progress"]
+
+    assert lines(range(20)) == []  # younger than QUIET_S: silent
+    got = lines(range(20), quiet_s=0)
+    assert len(got) == 10 and got[0].startswith("TFB: sigma 0.2: 2/20 (10%), ") and "elapsed" in got[0]
+    assert got[-1].startswith("TFB: sigma 0.2: 20/20 (100%)") and got[-1].endswith("~0m00s left")
+    assert lines(iter(range(25)), quiet_s=0)[-1].startswith("TFB: sigma 0.2: 20, ")  # no length: every 10 items
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)
+    assert len(lines(range(20), every=0.5)) == 2
+    items = [1, 2]
+    assert track(items, "x", "none") is items and track(items, "x", False) is items
+    from tqdm import tqdm
+
+    assert isinstance(track(items, "x", "rich"), tqdm) and list(track(items, "x", "rich")) == items
+    monkeypatch.setattr(progress.sys, "stdout", io.StringIO())  # auto without a terminal: lines
+    assert not hasattr(track(items, "x", True), "__len__")
+    with pytest.raises(ValueError, match=r"progress mode 'fancy'; valid: auto, rich, text, none"):
+        track(items, "x", "fancy")
+    with pytest.raises(ValueError, match=r"every=0"):
+        track(items, "x", "text", every=0)
 
 
 def test_precision_auto_uses_bf16_only_where_the_hardware_has_it(tmp_path, monkeypatch, caplog):

@@ -104,7 +104,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks, n_train_bat
     method and every wrapper of it."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 
-    from uqlora.callbacks.progress import LineProgress, resolve_progress_bar
+    from uqlora.callbacks.progress import LineProgress
+    from uqlora.progress import resolve_progress_bar
 
     t = OmegaConf.to_container(cfg.trainer, resolve=True)
     t["precision"] = effective_precision(t.get("precision", "32-true"), t.get("accelerator", "cpu"))

@@ -54,8 +54,7 @@ def generation_eval(cfg, method, dm, split: str, member: int = 0, n_members: int
     member uniform, as in the pooled predictive): member ``m`` generates its ``n_m`` rounds with its own
     random stream, and the pooled rounds are n i.i.d. draws from the mixture. The greedy answers are member
     0's point estimate."""
-    from tqdm.auto import tqdm
-
+    from uqlora.progress import track
     from uqlora.models.generation import sample_continuations
 
     p = _prob_cfg(cfg)
@@ -92,8 +91,7 @@ def generation_eval(cfg, method, dm, split: str, member: int = 0, n_members: int
     try:
         greedy_texts = run(0.0, 1.0) if member == 0 else []
         texts = []
-        for r in tqdm(range(n), desc=f"generating {n} x {len(prompts)} answers ({split})",
-                      disable=not method.show_progress):
+        for r in track(range(n), f"generating {n} x {len(prompts)} answers ({split})", method.progress_mode):
             with method.weight_sample(int(draws[r])):
                 texts.append(run(float(p.get("gen_temperature", 1.0)), float(p.get("gen_top_p", 1.0)),
                                  p.get("adaptive_threshold"), float(p.get("adaptive_low", 0.0))))

@@ -128,7 +128,7 @@ def _greedy(cfg, method, dm, recs, opts) -> dict:
 
 def _sampled(cfg, method, dm, recs, opts, greedy: dict) -> dict:
     """``gen_n_samples`` sampled answers per GSM8K problem (a prefix of the greedy choice, ``gen_max_queries``)."""
-    from tqdm.auto import tqdm
+    from uqlora.progress import track
 
     p = cfg.eval.prob
     k = p.get("gen_max_queries")
@@ -141,7 +141,7 @@ def _sampled(cfg, method, dm, recs, opts, greedy: dict) -> dict:
     run = _Generator(cfg, method, dm, opts)
     texts = []
     with torch.no_grad():
-        for r in tqdm(range(n), desc=f"sampling {n} x {len(prompts)} GSM8K answers", disable=not method.show_progress):
+        for r in track(range(n), f"sampling {n} x {len(prompts)} GSM8K answers", method.progress_mode):
             with method.weight_sample(int(draws[r])):
                 texts.append(run(prompts, float(p.get("gen_temperature", 1.0)), float(p.get("gen_top_p", 1.0)), gen))
     scores = np.array([[number_match(t, ref) for t, ref in zip(row, refs)] for row in texts]).reshape(n, len(refs))

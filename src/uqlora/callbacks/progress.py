@@ -4,48 +4,20 @@ Rich's live progress bar draws nothing until the end when stdout is not a termin
 the background looked stuck. ``progress_bar=text`` (what ``auto`` picks without a terminal) logs one line every
 5% of the optimiser steps instead: step, epoch, last training loss, elapsed time and an estimate of the rest --
 and, for the prediction passes (a sampling method's test pass over ARC takes 15-25 minutes on a CPU), a line every
-10% of the batches once a pass has run longer than ``quiet_s`` seconds.
+10% of the batches once a pass has run longer than ``quiet_s`` seconds. The loops outside the Trainer use
+:func:`uqlora.progress.track`, with the same line format.
 """
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 
 from lightning.pytorch.callbacks import Callback
 
+from uqlora.progress import finite_total, position_text, timing_parts
+
 log = logging.getLogger(__name__)
-
-
-def resolve_progress_bar(value: str, stdout=None) -> str:
-    """``auto`` -> ``rich`` on a terminal, else ``text``; the other values are returned as they are."""
-    if value != "auto":
-        return value
-    out = sys.stdout if stdout is None else stdout
-    return "rich" if getattr(out, "isatty", lambda: False)() else "text"
-
-
-def _finite(total) -> int | None:
-    return int(total) if total is not None and math.isfinite(total) else None
-
-
-def _position(what: str, n: int, total: int | None) -> str:
-    """``step 100/250 (40%)``, or ``step 100`` when the total is unknown."""
-    return f"{what} {n}/{total} ({100 * n / total:.0f}%)" if total else f"{what} {n}"
-
-
-def _timing(elapsed: float, done: int, left: int | None) -> list[str]:
-    """Elapsed time and, with ``done`` units behind and ``left`` to go, the estimate of the rest."""
-    out = [f"{_clock(elapsed)} elapsed"]
-    if left is not None and done > 0:
-        out.append(f"~{_clock(elapsed / done * left)} left")
-    return out
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class LineProgress(Callback):
@@ -61,7 +33,7 @@ class LineProgress(Callback):
         self.every, self.predict_every, self.quiet_s = every, predict_every, quiet_s
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self.total = _finite(trainer.estimated_stepping_batches)
+        self.total = finite_total(trainer.estimated_stepping_batches)
         self.stride = max(1, math.ceil(self.total * self.every)) if self.total else 50
         self.start_step = trainer.global_step
         self.t0 = time.monotonic()
@@ -74,19 +46,19 @@ class LineProgress(Callback):
         self.last = step
         elapsed = time.monotonic() - self.t0
         done = step - self.start_step
-        parts = ["train: " + _position("step", step, self.total)]
+        parts = ["train: " + position_text("step", step, self.total)]
         if trainer.max_epochs and trainer.max_epochs > 0:
             parts.append(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             parts.append(f"loss {float(loss):.4f}")
-        parts += _timing(elapsed, done, self.total - step if self.total else None)
+        parts += timing_parts(elapsed, done, self.total - step if self.total else None)
         if trainer.is_global_zero:
             log.info(", ".join(parts))
 
     def on_predict_start(self, trainer, pl_module) -> None:
         n = trainer.num_predict_batches
-        self.p_total = _finite(sum(n) if isinstance(n, (list, tuple)) else n)
+        self.p_total = finite_total(sum(n) if isinstance(n, (list, tuple)) else n)
         self.p_stride = max(1, math.ceil(self.p_total * self.predict_every)) if self.p_total else 10
         self.p_done = 0
         self.p_t0 = time.monotonic()
@@ -97,7 +69,7 @@ class LineProgress(Callback):
         elapsed = time.monotonic() - self.p_t0
         if elapsed < self.quiet_s or not (done % self.p_stride == 0 or done == self.p_total):
             return
-        parts = ["predict: " + _position("batch", done, self.p_total)]
-        parts += _timing(elapsed, done, self.p_total - done if self.p_total else None)
+        parts = ["predict: " + position_text("batch", done, self.p_total)]
+        parts += timing_parts(elapsed, done, self.p_total - done if self.p_total else None)
         if trainer.is_global_zero:
             log.info(", ".join(parts))

@@ -197,18 +197,18 @@ def train_head(init: AdUEHead, train: Cached, val: Cached, lr: float, alpha_reg:
                   "best_epoch": best_epoch + 1, "epochs_run": epoch + 1}
 
 
-def grid_search(init: AdUEHead, train: Cached, val: Cached, lrs, alpha_regs, alpha_l2sps, progress: bool = True,
+def grid_search(init: AdUEHead, train: Cached, val: Cached, lrs, alpha_regs, alpha_l2sps, progress: bool | str = True,
                 **kw) -> tuple[AdUEHead, list[dict], dict]:
     """Every (lr, alpha_reg, alpha_l2sp); the head with the best validation ROC-AUC (ties: lower val BCE),
     every configuration's record, and the chosen one's."""
-    from tqdm.auto import tqdm
+    from uqlora.progress import track
 
     grid = list(itertools.product([float(x) for x in lrs], [float(x) for x in alpha_regs],
                                   [float(x) for x in alpha_l2sps]))
     if not grid:
         raise UqloraError("the AdUE grid is empty: give at least one value for method.grid.lr, alpha_reg, alpha_l2sp")
     best, best_rec, best_key, records = None, None, None, []
-    for lr, a_reg, a_l2 in tqdm(grid, desc="AdUE: head grid", disable=not progress, leave=False):
+    for lr, a_reg, a_l2 in track(grid, "AdUE: head grid", progress):
         head, rec = train_head(init, train, val, lr, a_reg, a_l2, **kw)
         records.append(rec)
         key = _selection_key(rec["val_auroc"], rec["val_bce"])

@@ -309,7 +309,7 @@ def reduce_kfac(result: KFACResult, group=None) -> KFACResult:
 
 def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str = "exact", n_samples: int = 1,
              lowrank_threshold: int = 100, n_kfac: int = 10, device=None, autocast=None, seed: int = 0,
-             progress: bool = True, approx: str = "expand", allow_empty: bool = False) -> KFACResult:
+             progress: bool | str = True, approx: str = "expand", allow_empty: bool = False) -> KFACResult:
     """One forward and one (vmapped) backward pass per batch over ``loader``; the model is put in eval mode.
     ``allow_empty``: an empty loader gives zero factors (a process's empty shard, summed by :func:`reduce_kfac`)."""
     if approx not in KFAC_APPROX:
@@ -325,9 +325,9 @@ def fit_kfac(backbone: nn.Module, loader, layers: list[KFACLayer], fisher: str =
     gen = torch.Generator().manual_seed(int(seed))
     autocast = autocast or contextlib.nullcontext()
     n, ll = 0, 0.0
-    from tqdm.auto import tqdm
+    from uqlora.progress import track
 
-    for batch in tqdm(loader, desc="Laplace: KFAC factors", disable=not progress, leave=False):
+    for batch in track(loader, "Laplace: KFAC factors", progress):
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         with torch.enable_grad():
             with capture(layers), autocast:

@@ -114,7 +114,7 @@ class AdUEMethod(PostHocMethod):
             log.warning("AdUE: the fine-tuned model is %s on all %d %s examples; the head learns from one class only",
                         "right" if n_err == 0 else "wrong", len(train), c.fit_split)
         head, records, best = grid_search(self._init_head(), train, val, c.grid.lr, c.grid.alpha_reg, c.grid.alpha_l2sp,
-                                    progress=self.show_progress, epochs=int(c.epochs), patience=int(c.patience),
+                                    progress=self.progress_mode, epochs=int(c.epochs), patience=int(c.patience),
                                     batch_size=int(c.batch_size), balanced=bool(c.balanced), seed=int(c.seed))
         self.head = head.eval()
         self.tuning = {"n_fit": len(train), "fit_errors": n_err, "n_select": len(val),

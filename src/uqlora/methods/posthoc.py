@@ -80,16 +80,16 @@ class PostHocMethod(UQMethod):
 
     def batches(self, loader, desc: str, shard: bool = False) -> Iterator[dict]:
         """The batches of ``loader`` on the fit device, the model in eval mode, under the run's autocast, with a
-        progress bar; ``shard``: only this process's contiguous shard (DDP; the caller sums across processes)."""
-        from tqdm.auto import tqdm
-
+        progress bar (log lines without a terminal); ``shard``: only this process's contiguous shard (DDP; the caller
+        sums across processes)."""
         from uqlora import distributed as dist
+        from uqlora.progress import track
 
         if shard and dist.world_size() > 1:
             loader = dist.shard_loader(loader, dist.world_size(), dist.global_rank())
         device = self.fit_device()
         self.to(device).eval()
-        for batch in tqdm(loader, desc=desc, disable=not self.show_progress, leave=False):
+        for batch in track(loader, desc, self.progress_mode):
             with self.autocast(device):
                 yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 

@@ -138,12 +138,12 @@ class TFBMethod(SampledLoRA, PostHocMethod):
         most = int(c.search_iters) + 2  # high, the bisections, and low when nothing is within the tolerance
 
         def change(sigma: float) -> float:
-            from tqdm.auto import tqdm
+            from uqlora.progress import track
 
             var.sigma = sigma
             evaluations[0] += 1
             desc = f"TFB: sigma {sigma:.4g} (search {evaluations[0]}/<={most}, {len(draws)} draws)"
-            shown = tqdm(batches, desc=desc, disable=not self.show_progress, leave=False)
+            shown = track(batches, desc, self.progress_mode)
             nll, acc, _ = totals(predictive_probs(logits, shown, var, draws), targets)
             out = abs(nll - nll0) / max(nll0, 1e-12) if c.criterion == "nll" else abs(acc - acc0)
             log.info("TFB search %d: sigma %.4g changes the anchor %s by %.4g (tolerance %g)", evaluations[0], sigma,
