@@ -475,7 +475,7 @@ def test_tfb_search_reads_only_the_training_split(tmp_path, monkeypatch, caplog)
     from uqlora.build import setup
 
     cfg = _cfg(tmp_path, "tfb", *HEADS["classifier"][0], *TINY, "method=tfb", "method.anchor_size=10",
-               "method.search_samples=2", "method.search_iters=3", "method.high=5.0")
+               "method.search_samples=2", "method.search_iters=3", "method.high=5.0", "data.eval_batch_size=4")
     method, dm = setup(cfg)
     dm.setup()
     train_ids = {r["id"] for r in dm.records["train"]}
@@ -487,12 +487,14 @@ def test_tfb_search_reads_only_the_training_split(tmp_path, monkeypatch, caplog)
     for split in ("val", "calib", "test", "ood"):
         dm.records[split] = _Poison()
     monkeypatch.setattr("uqlora.progress.QUIET_S", 0.0)
-    method.progress_mode = "text"  # as in a log file: one line per searched sigma's pass over the anchors
-    with caplog.at_level(logging.INFO, logger="uqlora.progress"):
+    method.progress_mode = "text"  # as in a log file: progress lines during each searched sigma's pass
+    with caplog.at_level(logging.INFO):
         method.posthoc_fit(dm)
     t = method.tuning
-    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TFB: sigma ")]
-    assert len(passes) >= len(t["search_sigmas"]) and "(search 1/<=5, 2 draws): " in passes[0], passes[:2]
+    said = [r.getMessage() for r in caplog.records]
+    progress = [m for m in said if m.startswith("TFB: sigma ")]
+    results = [m for m in said if m.startswith("TFB search ")]
+    assert len(results) == len(t["search_sigmas"]) and progress and "(search 1/<=5, 2 draws): " in progress[0]
     assert t["n_anchor"] == 10 and 0.001 <= t["sigma"] < 5.0 and len(t["search_sigmas"]) >= 4
     within = [c <= 0.003 for c in t["search_changes"]]
     assert any(within) and not all(within)  # a real search: both sides of the tolerance were seen
@@ -570,6 +572,43 @@ def test_real_models_run_the_sampled_lora_methods(tmp_path, real_map_runs, setup
 
 
 # --- two processes (DDP, gloo) ------------------------------------------------------------------------------------
+def test_tfb_search_stops_a_pass_once_the_change_is_proven_with_the_same_sigma(tmp_path):
+    """A sigma's anchor pass ends when the anchors read so far prove the change beyond the tolerance: the same
+    decisions and sigma as reading every anchor; the recorded change of a stopped pass is a lower bound."""
+    from uqlora.build import setup
+    from uqlora.core.tfb import change_lower_bound
+
+    # the bound: the unread anchors add NLL >= 0 (nll) / can all be right (acc)
+    assert change_lower_bound("nll", 3.0, 0, 4, 10, 0.25, 1.0) == pytest.approx(0.2)   # 0.30 mean >= 0.25 * 1.2
+    assert change_lower_bound("nll", 2.0, 0, 4, 10, 0.25, 1.0) == 0.0                  # 0.20 < 0.25: nothing proven
+    assert change_lower_bound("acc", 0.0, 2, 4, 10, 0.25, 1.0) == pytest.approx(0.2)   # at most 8 of 10 right
+    assert change_lower_bound("acc", 0.0, 4, 4, 10, 0.25, 1.0) == 0.0
+    runs = {}
+    for stop in (False, True):
+        cfg = _cfg(tmp_path, f"tfb{stop}", *HEADS["classifier"][0], *TINY, "method=tfb", "method.anchor_size=16",
+                   "method.search_samples=2", "method.search_iters=3", "method.high=5.0", "data.eval_batch_size=2",
+                   "method.criterion=acc", f"method.search_stop_early={str(stop).lower()}")
+        method, dm = setup(cfg)
+        dm.setup()
+        torch.manual_seed(0)
+        with torch.no_grad():  # a trained-looking adapter: B != 0
+            for _, layer in lora_layers(method.backbone):
+                layer.lora_B["default"].weight.normal_(0, 2.0)
+        method.posthoc_fit(dm)
+        runs[stop] = method.tuning
+    full, early = runs[False], runs[True]
+    assert full["search_anchors_read"] == [1.0] * len(full["search_sigmas"])
+    assert early["sigma"] == full["sigma"] and early["search_sigmas"] == full["search_sigmas"]
+    stopped = [i for i, r in enumerate(early["search_anchors_read"]) if r < 1]
+    # sigma = 5 flips a pseudo-label within the first 10 of the 16 anchors: proven, the other 6 are not read
+    assert stopped and early["search_anchors_read"][0] < 1, early
+    for i, (a, b) in enumerate(zip(early["search_changes"], full["search_changes"])):
+        if i in stopped:
+            assert 0.003 < a <= b + 1e-12  # a lower bound, and beyond the tolerance like the full pass
+        else:
+            assert a == pytest.approx(b, rel=1e-12)
+
+
 def test_ddp_counts_the_kl_once_and_finds_the_same_tfb_sigma(tmp_path):
     """BLoB with the NLL step switched off (B ~ 0, AdamW lr 1e-12): A and rho move by the KL's SGD step alone,
     which 2 processes apply once per step, as one process does. TFB on a MAP run: each process scores its

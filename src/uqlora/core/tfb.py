@@ -113,6 +113,16 @@ def search_sigma(change: Callable[[float], float], low: float, high: float, iter
     return lo, history
 
 
+def change_lower_bound(criterion: str, nll: float, correct: int, n: int, n_total: int, nll0: float,
+                       acc0: float) -> float:
+    """A lower bound on a sigma's anchor change from its first ``n`` of ``n_total`` anchors (``nll``: their summed
+    NLL, ``correct``: their correct predictions), against the sigma = 0 mean NLL ``nll0`` and accuracy ``acc0``:
+    the NLL of the anchors not read yet is >= 0, and they can at most all be right. 0 when nothing is proven."""
+    if criterion == "nll":
+        return max(0.0, (nll / n_total - nll0) / max(nll0, 1e-12))
+    return max(0.0, acc0 - (correct + n_total - n) / n_total)
+
+
 @torch.no_grad()
 def predictive_probs(logits_fn: Callable, batches: Iterable[dict], noise: LoRANoise, draws) -> list[torch.Tensor]:
     """Per batch: the mean of softmax(logits_fn(batch)) over the weight ``draws`` of ``noise`` (the mean weights
