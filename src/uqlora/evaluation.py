@@ -54,8 +54,8 @@ def generation_eval(cfg, method, dm, split: str, member: int = 0, n_members: int
     member uniform, as in the pooled predictive): member ``m`` generates its ``n_m`` rounds with its own
     random stream, and the pooled rounds are n i.i.d. draws from the mixture. The greedy answers are member
     0's point estimate."""
-    from uqlora.progress import track
     from uqlora.models.generation import sample_continuations
+    from uqlora.progress import track
 
     p = _prob_cfg(cfg)
     score = str(p.get("gen_score", "rouge_l"))  # values checked by uqlora.validate before the run starts

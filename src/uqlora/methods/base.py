@@ -123,8 +123,7 @@ class UQMethod(pl.LightningModule):
         self.fitted = False  # post-hoc state ready; set by posthoc_fit / load_method_state_dict
         self.accelerator = str(cfg.trainer.get("accelerator", "cpu"))
         self.precision = effective_precision(cfg.model.get("precision", "32-true"), self.accelerator)
-        self.progress_mode = str(cfg.get("progress_bar", "auto"))  # for track(): auto | rich | text | none
-        self.show_progress = self.progress_mode != "none"
+        self.progress_mode = str(cfg.get("progress_bar", "auto"))  # uqlora.progress.track: auto/rich/text/none
         # validation accuracy and ECE as torchmetrics: accumulated over the epoch and summed across DDP processes
         from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
