@@ -49,16 +49,32 @@ def track(iterable, desc: str, mode="auto", total: int | None = None, every: flo
 
 
 def _lines(iterable, desc, total, every, quiet_s):
-    stride = max(1, math.ceil(total * every)) if total else 10
-    t0 = time.monotonic()
-    done = 0
+    ticker = Ticker(f"{desc}:", total, every, quiet_s)
     for item in iterable:
         yield item
-        done += 1
-        elapsed = time.monotonic() - t0
-        if elapsed >= quiet_s and (done % stride == 0 or done == total):
-            log.info(", ".join([position_text(f"{desc}:", done, total)]
-                               + timing_parts(elapsed, done, total - done if total else None)))
+        line = ticker.tick()
+        if line:
+            log.info(line)
+
+
+class Ticker:
+    """Counts the items of one loop; :meth:`tick` returns the progress line ``<label> n/N (p%), <elapsed> elapsed,
+    ~<rest> left`` when one is due -- every ``every`` of the items (every 10th without a total) and at the last,
+    once the loop is older than ``quiet_s`` seconds -- else None."""
+
+    def __init__(self, label: str, total, every: float, quiet_s: float):
+        self.label, self.total, self.quiet_s = label, finite_total(total), quiet_s
+        self.stride = max(1, math.ceil(self.total * every)) if self.total else 10
+        self.done = 0
+        self.t0 = time.monotonic()
+
+    def tick(self) -> str | None:
+        self.done += 1
+        elapsed = time.monotonic() - self.t0
+        if elapsed < self.quiet_s or not (self.done % self.stride == 0 or self.done == self.total):
+            return None
+        left = self.total - self.done if self.total else None
+        return ", ".join([position_text(self.label, self.done, self.total)] + timing_parts(elapsed, self.done, left))
 
 
 def finite_total(total) -> int | None:

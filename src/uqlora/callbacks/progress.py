@@ -15,7 +15,7 @@ import time
 
 from lightning.pytorch.callbacks import Callback
 
-from uqlora.progress import finite_total, position_text, timing_parts
+from uqlora.progress import Ticker, finite_total, position_text, timing_parts
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +58,15 @@ class LineProgress(Callback):
 
     def on_predict_start(self, trainer, pl_module) -> None:
         n = trainer.num_predict_batches
-        self.p_total = finite_total(sum(n) if isinstance(n, (list, tuple)) else n)
-        self.p_stride = max(1, math.ceil(self.p_total * self.predict_every)) if self.p_total else 10
-        self.p_done = 0
-        self.p_t0 = time.monotonic()
+        self.predict_ticker = Ticker("predict: batch", sum(n) if isinstance(n, (list, tuple)) else n,
+                                     self.predict_every, self.quiet_s)
+
+    @property
+    def p_done(self) -> int:
+        """Batches of the current prediction pass so far."""
+        return self.predict_ticker.done
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.p_done += 1
-        done = self.p_done
-        elapsed = time.monotonic() - self.p_t0
-        if elapsed < self.quiet_s or not (done % self.p_stride == 0 or done == self.p_total):
-            return
-        parts = ["predict: " + position_text("batch", done, self.p_total)]
-        parts += timing_parts(elapsed, done, self.p_total - done if self.p_total else None)
-        if trainer.is_global_zero:
-            log.info(", ".join(parts))
+        line = self.predict_ticker.tick()
+        if line and trainer.is_global_zero:
+            log.info(line)

@@ -128,8 +128,8 @@ class TFBMethod(SampledLoRA, PostHocMethod):
             with self.autocast(device):
                 return self.backbone.logits(batch)
 
-        def totals(probs, targets):  # (mean NLL, accuracy, count) over the whole anchor set (all processes)
-            parts = dist.all_gather_object(score(probs, targets))
+        def totals(summed):  # (summed NLL, correct, count) of this process -> (mean NLL, accuracy, count) of all
+            parts = dist.all_gather_object(summed)
             nll, correct, n = (sum(p[j] for p in parts) for j in range(3))
             if n == 0:
                 raise UqloraError(f"the TFB anchor set ({c.anchor_split}) is empty")
@@ -137,7 +137,7 @@ class TFBMethod(SampledLoRA, PostHocMethod):
 
         p0 = predictive_probs(logits, batches, var, [])
         targets = [p.argmax(-1) for p in p0] if c.labels == "pseudo" else [b["labels"].cpu() for b in batches]
-        nll0, acc0, n_anchor = totals(p0, targets)
+        nll0, acc0, n_anchor = totals(score(p0, targets))
         draws = var.draws(int(c.search_samples), int(c.seed))
 
         evaluations = [0]
@@ -151,10 +151,9 @@ class TFBMethod(SampledLoRA, PostHocMethod):
             var.sigma = sigma
             evaluations[0] += 1
             desc = f"TFB: sigma {sigma:.4g} (search {evaluations[0]}/<={most}, {len(draws)} draws)"
-            probs, nll, correct, n = [], 0.0, 0, 0
+            nll, correct, n = 0.0, 0, 0
             for batch, y in track(list(zip(batches, targets)), desc, self.progress_mode):
-                probs += predictive_probs(logits, [batch], var, draws)
-                b_nll, b_correct, b_n = score(probs[-1:], [y])
+                b_nll, b_correct, b_n = score(predictive_probs(logits, [batch], var, draws), [y])
                 nll, correct, n = nll + b_nll, correct + b_correct, n + b_n
                 bound = change_lower_bound(str(c.criterion), nll, correct, n, n_anchor, nll0, acc0) if early else 0.0
                 if bound > float(c.tolerance):
@@ -164,7 +163,7 @@ class TFBMethod(SampledLoRA, PostHocMethod):
                              float(c.tolerance), n, n_anchor)
                     return bound
             read.append(1.0)
-            nll, acc, _ = totals(probs, targets)
+            nll, acc, _ = totals((nll, correct, n))
             out = abs(nll - nll0) / max(nll0, 1e-12) if c.criterion == "nll" else abs(acc - acc0)
             log.info("TFB search %d: sigma %.4g changes the anchor %s by %.4g (tolerance %g)", evaluations[0], sigma,
                      c.criterion, out, float(c.tolerance))
