@@ -217,7 +217,28 @@ def test_ensemble_from_run_directories_equals_mean_of_members(tmp_path):
     assert not np.allclose(p[0], p[1], atol=1e-4)  # the init seed made two different members
     np.testing.assert_allclose(comb["probs"], (p[0] + p[1]) / 2, atol=1e-6)
     assert comb["samples"].shape == (2, 24, 2)
-    assert json.loads((out / "results.json").read_text())["num_models"] == 2
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_models"] == 2
+    # recorded as an ensemble: the tables put the pool in an Ensemble row, not as one more MAP run of the cell
+    assert (res["method"], res["method_label"], res["config"]["method"]["display_name"]) == ("ensemble", "ensemble",
+                                                                                              "Ensemble")
+    assert res["config"]["method"]["num_models"] == 2
+    from uqlora.results.collect import read_run
+
+    assert (read_run(out).method, read_run(out).base, read_run(dirs[0]).method) == ("ensemble", "ensemble", "map")
+
+
+def test_pooled_runs_are_recorded_as_the_multi_member_method():
+    from uqlora.sources import pooled_method
+
+    for opt, label, want in (("swag", "swag", ("multiswag", "multiswag", "MultiSWAG")),
+                             ("swag_lora", "swag_lora", ("multiswag", "multiswag_lora", "MultiSWAG")),
+                             ("laplace", "laplace", ("laplace", "laplace_pooled", "Laplace-LoRA (pooled runs)"))):
+        cfg = compose(["model=tiny_bert", f"method={opt}"])
+        out, got = pooled_method(cfg, label, 3)
+        assert (out.method.name, got, out.method.display_name) == want
+        assert cfg.method.name == opt.replace("_lora", "")  # the members' config is left as it was
+    assert pooled_method(compose(["model=tiny_bert", "method=swag"]), "swag", 4)[0].method.num_models == 4
 
 
 def test_mc_dropout_samples_vary_and_need_dropout(tmp_path):

@@ -97,6 +97,28 @@ def sweep_map_run(cfg: DictConfig, run_dir: str | Path) -> str | None:
 # initialisation and data order, and the same training)
 FIRST_MEMBER_OF = {"ensemble": "map", "multiswag": "swag"}
 _MEMBER_KEYS = ("name", "display_name", "num_models")
+# ... and back: separate runs of the single-model method pooled by ``eval.py ensemble=[...]`` are that M-member method
+POOLED_AS = {single: multi for multi, single in FIRST_MEMBER_OF.items()}
+
+
+def pooled_method(cfg: DictConfig, label: str, num_models: int) -> tuple[DictConfig, str]:
+    """The config and table label that runs pooled by ``eval.py ensemble=[...]`` are recorded under: MAP runs
+    pooled are an ensemble, SWAG runs MultiSWAG (``swag_lora`` runs ``multiswag_lora``); any other method keeps
+    its name with ``_pooled`` added to its label. The members' own label would put the pool in the tables as
+    one more run of the members' cell."""
+    from uqlora.methods import SCHEMAS, discover
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    base = str(out.method.name)
+    multi = POOLED_AS.get(base)
+    if multi is None:
+        out.method.display_name = f"{out.method.get('display_name') or base} (pooled runs)"
+        return out, f"{label}_pooled"
+    discover()
+    out.method.name = multi
+    out.method.display_name = SCHEMAS[multi].display_name
+    out.method.num_models = int(num_models)
+    return out, (label.replace(base, multi, 1) if label.startswith(base) else multi)
 
 
 def sweep_first_member(cfg: DictConfig, run_dir: str | Path) -> RunDir | None:

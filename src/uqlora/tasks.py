@@ -26,7 +26,8 @@ from uqlora.predict import pool_splits, predict_member
 from uqlora.report import print_table, report, write_results
 from uqlora.rundir import RunDir
 from uqlora.runs import archive_run, check_same_config, read_results, record_failure, restore_hydra_files, resume_points
-from uqlora.sources import check_adapter_source, export_member, restore_member, sweep_first_member, sweep_map_run
+from uqlora.sources import (check_adapter_source, export_member, pooled_method, restore_member, sweep_first_member,
+                            sweep_map_run)
 from uqlora.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -152,9 +153,12 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
                                                len(member_preds), n_members))
     metrics = report(cfg, out_dir, pool_splits(member_preds), logger, method.probability_scores)
     timings["total"] = round(time.perf_counter() - t_start, 3)
-    results = write_results(out_dir, cfg, metrics, timings,
+    rcfg, label = cfg, sources[0].method_label()
+    if len(sources) > 1:  # separate runs pooled: an ensemble of them, not one more run of their method
+        rcfg, label = pooled_method(cfg, label, len(member_preds))
+    results = write_results(out_dir, rcfg, metrics, timings,
                             {"source_runs": [str(s.path) for s in sources], "num_models": len(member_preds),
-                             "data_files": files}, sources[0].method_label())
+                             "data_files": files}, label)
     log_results_table(logger, results)
     if ecfg.get("print_table", True):
         print_table(results, out_dir)
