@@ -168,8 +168,8 @@ def _save_hydra(cfg, run_dir):
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
 
-def _eval(tmp_path, run_dir, ensemble=None):
-    ecfg = compose([f"run_dir={run_dir}"], config_name="eval")
+def _eval(tmp_path, run_dir, ensemble=None, *overrides):
+    ecfg = compose([f"run_dir={run_dir}", *overrides], config_name="eval")
     with open_dict(ecfg):
         ecfg.print_table = False
         ecfg.ensemble = [str(d) for d in ensemble] if ensemble else None
@@ -201,6 +201,33 @@ def test_swag_eval_reproduces_and_multiswag_pools_members(tmp_path):
     m_dirs, _ = _eval(tmp_path, objs["run_dir"])  # eval.py reloads both members and pools them again
     for k in ("acc", "nll"):
         assert m_dirs["test"][k] == pytest.approx(mm["test"][k], abs=1e-9)
+    # MultiSWAG from separate SWAG runs: the models re-run, or their saved predictions pooled -- the same pool
+    cfg = _cfg(tmp_path, "swag1", "model=tiny_bert", "method=swag", "method.collect_every=2", "trainer.max_steps=12",
+               "method.num_samples=3", "data.max_test_samples=24", "train.init_seed=1")
+    _, objs1 = train(cfg)
+    _save_hydra(cfg, objs1["run_dir"])
+    runs = [d0, objs1["run_dir"]]
+    rerun, out_r = _eval(tmp_path, d0, runs)
+    saved, out_s = _eval(tmp_path, d0, runs, "from_predictions=true")
+    for k in ("acc", "nll", "ece", "brier", "aurc"):
+        assert saved["test"][k] == pytest.approx(rerun["test"][k], abs=1e-9)
+    pr, ps = (np.load(o / "predictions" / "test.npz") for o in (out_r, out_s))
+    np.testing.assert_allclose(ps["samples"], pr["samples"], atol=1e-6)
+    np.testing.assert_allclose(ps["samples"][3:], np.load(runs[1] / "predictions" / "test.npz")["samples"], atol=0)
+    res = json.loads((out_s / "results.json").read_text())
+    assert (res["method"], res["num_models"], res["from_predictions"]) == ("multiswag", 2, True)
+    assert "predict_test_0" in json.loads((out_r / "results.json").read_text())["timings"]
+    assert not any(k.startswith("predict") for k in res["timings"])  # no model was run
+    # a multi-member source counts its members: the 2-member MultiSWAG run + one SWAG run pool 3 models' 9 draws
+    _, out3 = _eval(tmp_path, d0, [objs["run_dir"], runs[1]], "from_predictions=true")
+    assert np.load(out3 / "predictions" / "test.npz")["samples"].shape == (9, 24, 2)
+    assert json.loads((out3 / "results.json").read_text())["num_models"] == 3
+    with pytest.raises(UqloraError, match="from_predictions=true pools the runs' saved predictions on their own "
+                                          "data; ood=arc_c"):
+        _eval(tmp_path, d0, runs, "from_predictions=true", "ood=arc_c")
+    with pytest.raises(UqloraError, match=r"saved no predictions for split\(s\) val \(saved: test\); pool it with "
+                                          r"from_predictions=false"):
+        _eval(tmp_path, d0, runs, "from_predictions=true", "eval.splits=[test,val]")
 
 
 def test_ensemble_from_run_directories_equals_mean_of_members(tmp_path):

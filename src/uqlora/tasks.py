@@ -21,6 +21,7 @@ from uqlora.data.datamodule import task_info
 from uqlora.errors import UqloraError
 from uqlora.fit import fit_member
 from uqlora.logging_utils import build_logger, log_results_table
+from uqlora.methods import get_method
 from uqlora.models.backbone import resolve_head
 from uqlora.predict import pool_splits, predict_member
 from uqlora.report import print_table, report, write_results
@@ -112,6 +113,7 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     """Re-evaluate finished run directories from their saved adapters and method states, without retraining:
     ``run_dir`` (one run, all of its members) or ``ensemble=[dir1, dir2, ...]`` (runs pooled, e.g. the
     members of a multirun). Optionally on another data config; writes into a fresh directory.
+    ``from_predictions=true``: pool the runs' saved predictions instead of re-running their models.
     ``export=<folder>``: write the run's adapter in PEFT format there instead (:func:`export_run`)."""
     if ecfg.get("export"):
         return export_run(ecfg)
@@ -124,6 +126,13 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
         for key in ("model", "data"):
             if OmegaConf.to_container(other[key]) != OmegaConf.to_container(cfg[key]):
                 raise UqloraError(f"ensemble member '{src.path}' has a different {key} config than '{sources[0].path}'")
+    saved = bool(ecfg.get("from_predictions", False))
+    if saved:
+        for key in ("data", "ood"):
+            if ecfg.get(key) is not None:
+                raise UqloraError(f"from_predictions=true pools the runs' saved predictions on their own data; {key}="
+                                  f"{ecfg.get(key) if key == 'ood' else ecfg.data.name} needs the models re-run "
+                                  f"(from_predictions=false)")
     if ecfg.get("data") is not None:
         cfg.data = ecfg.data
     if ecfg.get("ood") is not None:  # OOD detection against another dataset; the run's own splits are unchanged
@@ -137,9 +146,33 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     validate_config(cfg)
     out_dir = ctx.run_dir
     files = data_files(cfg)
-    task = load_task(cfg)
     logger = build_logger(cfg, out_dir, ctx.choices) if ecfg.get("log", False) else False
     timings: dict[str, float] = {}
+    if saved:
+        member_preds, method, dm = saved_predictions(sources, list(cfg.eval.splits)), None, None
+        n_members = sum(int((src.results() or {}).get("num_models", 1)) for src in sources)
+        scores = get_method(cfg.method.name).probability_scores
+    else:
+        member_preds, method, dm = _predict_sources(cfg, ctx, sources, cfgs, logger, timings, out_dir)
+        n_members, scores = len(member_preds), method.probability_scores
+    metrics = report(cfg, out_dir, pool_splits(member_preds), logger, scores)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
+    rcfg, label = cfg, sources[0].method_label()
+    if len(sources) > 1:  # separate runs pooled: an ensemble of them, not one more run of their method
+        rcfg, label = pooled_method(cfg, label, n_members)
+    results = write_results(out_dir, rcfg, metrics, timings,
+                            {"source_runs": [str(s.path) for s in sources], "num_models": n_members,
+                             "from_predictions": saved, "data_files": files}, label)
+    log_results_table(logger, results)
+    if ecfg.get("print_table", True):
+        print_table(results, out_dir)
+    return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}
+
+
+def _predict_sources(cfg, ctx, sources, cfgs, logger, timings, out_dir):
+    """Every member of every source run rebuilt from its saved adapter and method state and run on the
+    evaluation splits: ``([{split: prediction}] per member, the last method, its datamodule)``."""
+    task = load_task(cfg)
     member_preds = []
     n_members = sum(len(src.members()) for src in sources)
     for src, src_cfg in zip(sources, cfgs):
@@ -151,18 +184,27 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
             restore_member(src_cfg, method, mdir)
             member_preds.append(predict_member(cfg, method, dm, trainer, timings, f"_{len(member_preds)}",
                                                len(member_preds), n_members))
-    metrics = report(cfg, out_dir, pool_splits(member_preds), logger, method.probability_scores)
-    timings["total"] = round(time.perf_counter() - t_start, 3)
-    rcfg, label = cfg, sources[0].method_label()
-    if len(sources) > 1:  # separate runs pooled: an ensemble of them, not one more run of their method
-        rcfg, label = pooled_method(cfg, label, len(member_preds))
-    results = write_results(out_dir, rcfg, metrics, timings,
-                            {"source_runs": [str(s.path) for s in sources], "num_models": len(member_preds),
-                             "data_files": files}, label)
-    log_results_table(logger, results)
-    if ecfg.get("print_table", True):
-        print_table(results, out_dir)
-    return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}
+    return member_preds, method, dm
+
+
+def saved_predictions(sources: list[RunDir], splits: list[str]) -> list[dict[str, dict]]:
+    """``from_predictions=true``: each source run's own saved predictions (``predictions/<split>.npz``) on
+    ``splits`` (+ ``ood`` where the first run scored one), in place of re-running its models. Pooling them is
+    the pooling of their members' draws (every run saved its samples, or its probs as one), so the result
+    equals the re-run pool's for runs whose evaluation reproduces (tests/test_swag.py) -- at no forward pass."""
+    if (sources[0].predictions_path("ood")).is_file():
+        splits = [*splits, "ood"]
+    out = []
+    for src in sources:
+        if src.status() != "complete":
+            raise UqloraError(f"run '{src.path}' is {src.status()}, not complete: its predictions cannot be pooled")
+        missing = [s for s in splits if not src.predictions_path(s).is_file()]
+        if missing:
+            raise UqloraError(f"run '{src.path}' saved no predictions for split(s) {', '.join(missing)} (saved: "
+                              f"{', '.join(sorted(p.stem for p in (src.path / 'predictions').glob('*.npz'))) or 'none'}"
+                              f"); pool it with from_predictions=false, which re-runs the models")
+        out.append({s: src.predictions(s) for s in splits})
+    return out
 
 
 def _given(node):
