@@ -21,6 +21,9 @@ TABLES = [
     ([RUNS / "arc_e_s0", RUNS / "arc_c_s0", RUNS / "obqa_s0"], LLM / "tables_seed0"),
     ([ABL / "arc_c_s0_float32", RUNS / "arc_c_s0" / "7_blob_smollm2_135m_arc_c_s0",
       RUNS / "arc_c_s0" / "8_ensemble_smollm2_135m_arc_c_s0"], ABL / "tables_arc_c_s0_float32"),
+    ([ABL / "arc_e_s0_float32", *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0" for r in ("5_mc_dropout", "7_blob",
+                                                                                           "9_multiswag"))],
+     ABL / "tables_arc_e_s0_float32"),
 ]
 
 # a pooled cell: its committed run and the committed runs it pools, in order
@@ -28,6 +31,9 @@ POOLS = {
     "arc_c_ensemble": (RUNS / "arc_c_s0" / "8_ensemble_smollm2_135m_arc_c_s0",
                        [ABL / "arc_c_s0_float32" / "0_map_smollm2_135m_arc_c_s0",
                         *(ABL / "arc_c_s0_float32_members" / f"0_map_init{i}_smollm2_135m_arc_c_s0" for i in range(1, 5))]),
+    "arc_e_multiswag": (RUNS / "arc_e_s0" / "9_multiswag_smollm2_135m_arc_e_s0",
+                        [ABL / "arc_e_s0_float32" / "6_swag_smollm2_135m_arc_e_s0",
+                         *(ABL / "arc_e_s0_float32_swag_members" / f"6_swag_init{i}_smollm2_135m_arc_e_s0" for i in (1, 2))]),
 }
 
 
