@@ -21,8 +21,8 @@ TABLES = [
     ([RUNS / "arc_e_s0", RUNS / "arc_c_s0", RUNS / "obqa_s0"], LLM / "tables_seed0"),
     ([ABL / "arc_c_s0_float32", RUNS / "arc_c_s0" / "7_blob_smollm2_135m_arc_c_s0",
       RUNS / "arc_c_s0" / "8_ensemble_smollm2_135m_arc_c_s0"], ABL / "tables_arc_c_s0_float32"),
-    ([ABL / "arc_e_s0_float32", *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0" for r in ("5_mc_dropout", "7_blob",
-                                                                                           "9_multiswag"))],
+    ([ABL / "arc_e_s0_float32",
+      *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0" for r in ("5_mc_dropout", "7_blob", "9_multiswag"))],
      ABL / "tables_arc_e_s0_float32"),
 ]
 
@@ -30,17 +30,20 @@ TABLES = [
 POOLS = {
     "arc_c_ensemble": (RUNS / "arc_c_s0" / "8_ensemble_smollm2_135m_arc_c_s0",
                        [ABL / "arc_c_s0_float32" / "0_map_smollm2_135m_arc_c_s0",
-                        *(ABL / "arc_c_s0_float32_members" / f"0_map_init{i}_smollm2_135m_arc_c_s0" for i in range(1, 5))]),
+                        *(ABL / "arc_c_s0_float32_members" / f"0_map_init{i}_smollm2_135m_arc_c_s0"
+                          for i in range(1, 5))]),
     "arc_e_multiswag": (RUNS / "arc_e_s0" / "9_multiswag_smollm2_135m_arc_e_s0",
                         [ABL / "arc_e_s0_float32" / "6_swag_smollm2_135m_arc_e_s0",
-                         *(ABL / "arc_e_s0_float32_swag_members" / f"6_swag_init{i}_smollm2_135m_arc_e_s0" for i in (1, 2))]),
+                         *(ABL / "arc_e_s0_float32_swag_members" / f"6_swag_init{i}_smollm2_135m_arc_e_s0"
+                           for i in (1, 2))]),
 }
 
 
 @pytest.mark.parametrize("runs,committed", TABLES, ids=[t[1].name for t in TABLES])
 def test_committed_tables_are_what_make_tables_builds(tmp_path, runs, committed):
     out = tmp_path / "tables"  # the runs named relative to the checkout, as the README's commands do
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "make_tables.py"), *(str(r.relative_to(ROOT)) for r in runs), "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "experiments" / "make_tables.py"),
+                    *(str(r.relative_to(ROOT)) for r in runs), "--out", str(out)],
                    check=True, capture_output=True, cwd=ROOT)
     for name in ("tables.md", "paired.md", "summary.csv"):
         assert (out / name).read_text() == (committed / name).read_text(), f"{committed / name} is out of date"

@@ -153,7 +153,7 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
         n_members = sum(int((src.results() or {}).get("num_models", 1)) for src in sources)
         scores = get_method(cfg.method.name).probability_scores
     else:
-        member_preds, method, dm = _predict_sources(cfg, ctx, sources, cfgs, logger, timings, out_dir)
+        member_preds, method, dm = _predict_sources(cfg, ctx, sources, cfgs, logger, timings)
         n_members, scores = len(member_preds), method.probability_scores
     metrics = report(cfg, out_dir, pool_splits(member_preds), logger, scores)
     timings["total"] = round(time.perf_counter() - t_start, 3)
@@ -169,7 +169,7 @@ def evaluate_run(ecfg: DictConfig, ctx: RunContext | None = None):
     return metrics, {"method": method, "datamodule": dm, "run_dir": out_dir, "results": results}
 
 
-def _predict_sources(cfg, ctx, sources, cfgs, logger, timings, out_dir):
+def _predict_sources(cfg, ctx, sources, cfgs, logger, timings):
     """Every member of every source run rebuilt from its saved adapter and method state and run on the
     evaluation splits: ``([{split: prediction}] per member, the last method, its datamodule)``."""
     task = load_task(cfg)
@@ -179,7 +179,7 @@ def _predict_sources(cfg, ctx, sources, cfgs, logger, timings, out_dir):
         src_cfg.data = cfg.data
         # one model per source run: its members differ only in the adapter and method state loaded below
         method, dm = build_member(src_cfg, task, init_seed(src_cfg))
-        trainer = build_trainer(cfg, out_dir, logger, [], ctx=ctx)
+        trainer = build_trainer(cfg, ctx.run_dir, logger, [], ctx=ctx)
         for mdir in src.members():
             restore_member(src_cfg, method, mdir)
             member_preds.append(predict_member(cfg, method, dm, trainer, timings, f"_{len(member_preds)}",
@@ -196,8 +196,9 @@ def saved_predictions(sources: list[RunDir], splits: list[str]) -> list[dict[str
         splits = [*splits, "ood"]
     out = []
     for src in sources:
-        if src.status() != "complete":
-            raise UqloraError(f"run '{src.path}' is {src.status()}, not complete: its predictions cannot be pooled")
+        status = src.status()
+        if status != "complete":
+            raise UqloraError(f"run '{src.path}' is {status}, not complete: its predictions cannot be pooled")
         missing = [s for s in splits if not src.predictions_path(s).is_file()]
         if missing:
             raise UqloraError(f"run '{src.path}' saved no predictions for split(s) {', '.join(missing)} (saved: "
