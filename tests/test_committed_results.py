@@ -19,8 +19,9 @@ RUNS, ABL = LLM / "runs", LLM / "ablations"
 TABLES = [
     ([RUNS], LLM / "tables"),
     ([RUNS / "arc_e_s0", RUNS / "arc_c_s0", RUNS / "obqa_s0"], LLM / "tables_seed0"),
-    ([ABL / "arc_c_s0_float32", RUNS / "arc_c_s0" / "7_blob_smollm2_135m_arc_c_s0",
-      RUNS / "arc_c_s0" / "8_ensemble_smollm2_135m_arc_c_s0"], ABL / "tables_arc_c_s0_float32"),
+    ([ABL / "arc_c_s0_float32",
+      *(RUNS / "arc_c_s0" / f"{r}_smollm2_135m_arc_c_s0" for r in ("7_blob", "8_ensemble", "9_multiswag"))],
+     ABL / "tables_arc_c_s0_float32"),
     ([ABL / "arc_e_s0_float32",
       *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0" for r in ("5_mc_dropout", "7_blob", "9_multiswag"))],
      ABL / "tables_arc_e_s0_float32"),
@@ -35,6 +36,10 @@ POOLS = {
     "arc_e_multiswag": (RUNS / "arc_e_s0" / "9_multiswag_smollm2_135m_arc_e_s0",
                         [ABL / "arc_e_s0_float32" / "6_swag_smollm2_135m_arc_e_s0",
                          *(ABL / "arc_e_s0_float32_swag_members" / f"6_swag_init{i}_smollm2_135m_arc_e_s0"
+                           for i in (1, 2))]),
+    "arc_c_multiswag": (RUNS / "arc_c_s0" / "9_multiswag_smollm2_135m_arc_c_s0",
+                        [ABL / "arc_c_s0_float32" / "6_swag_smollm2_135m_arc_c_s0",
+                         *(ABL / "arc_c_s0_float32_swag_members" / f"6_swag_init{i}_smollm2_135m_arc_c_s0"
                            for i in (1, 2))]),
 }
 
