@@ -23,7 +23,8 @@ TABLES = [
       *(RUNS / "arc_c_s0" / f"{r}_smollm2_135m_arc_c_s0" for r in ("7_blob", "8_ensemble", "9_multiswag"))],
      ABL / "tables_arc_c_s0_float32"),
     ([ABL / "arc_e_s0_float32",
-      *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0" for r in ("5_mc_dropout", "7_blob", "9_multiswag"))],
+      *(RUNS / "arc_e_s0" / f"{r}_smollm2_135m_arc_e_s0"
+        for r in ("4_tfb", "5_mc_dropout", "7_blob", "9_multiswag"))],
      ABL / "tables_arc_e_s0_float32"),
 ]
 
