@@ -193,6 +193,24 @@ def test_not_started_jobs_of_a_sweep(tmp_path):
     assert "seed=1 method=laplace_ll" in missing[0].error
 
 
+def test_a_resumed_sweep_expects_the_jobs_of_its_first_launch(tmp_path):
+    """`resume=true` on the relaunch is recorded in multirun.yaml but not in the runs the first launch made:
+    those runs still count, and only the job without a folder is missing."""
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": {"method": "map,temperature,swag"}},
+        "overrides": {"task": ["experiment=x", "data=d1", "seed=0", "resume=true"]}}}, sort_keys=False))
+    for i, method in enumerate(["map", "temperature"]):
+        write_run(sweep, f"{i}", method, "d1", 0, {"acc": 0.5},
+                  overrides=["experiment=x", "data=d1", "seed=0", f"method={method}"])
+    runs = mt.load_runs([sweep])
+    missing = [r for r in runs if r.status == "not started"]
+    assert [(r.method, r.seed) for r in missing] == [("swag", 0)]
+    assert sum(r.status == "complete" for r in runs) == 2
+
+
 def test_pooled_reliability_equals_concatenated_predictions(tmp_path):
     from uqlora.metrics import ece
 

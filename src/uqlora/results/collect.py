@@ -164,16 +164,25 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*axes.values())]
 
 
+# Overrides that change how a sweep runs, not which runs it holds: a sweep relaunched with `resume=true` (its
+# multirun.yaml then records it) expects the jobs of the first launch, whose run folders do not carry it.
+RUNTIME_KEYS = frozenset({"resume", "skip_complete", "progress_bar", "print_table"})
+
+
+def _job_identity(overrides: Iterable[str]) -> set[str]:
+    return {o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUNTIME_KEYS}
+
+
 def not_started(sweep_dir: Path, run_dirs: list[Path]) -> list[Run]:
     """Jobs of a sweep folder that have no run directory (the sweep stopped before launching them)."""
     jobs = expected_jobs(sweep_dir)
     if not jobs:
         return []
-    seen = [set(RunDir(d).overrides()) for d in run_dirs if d.parent == Path(sweep_dir)]
+    seen = [_job_identity(RunDir(d).overrides()) for d in run_dirs if d.parent == Path(sweep_dir)]
     varying = {o.split("=", 1)[0] for o in set().union(*map(set, jobs)) if sum(o in j for j in jobs) < len(jobs)}
     out = []
     for num, job in enumerate(jobs):
-        if any(set(job) <= s for s in seen):
+        if any(_job_identity(job) <= s for s in seen):
             continue
         kv = dict(o.split("=", 1) for o in job if "=" in o)
         desc = " ".join(o for o in job if o.split("=", 1)[0] in varying) or " ".join(job)
