@@ -164,13 +164,16 @@ def expected_jobs(sweep_dir: Path) -> list[list[str]] | None:
     return [list(job) for job in itertools.product(*axes.values())]
 
 
-# Overrides that change how a sweep runs, not which runs it holds: a sweep relaunched with `resume=true` (its
-# multirun.yaml then records it) expects the jobs of the first launch, whose run folders do not carry it.
-RUNTIME_KEYS = frozenset({"resume", "skip_complete", "progress_bar", "print_table"})
-
-
 def _job_identity(overrides: Iterable[str]) -> set[str]:
-    return {o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in RUNTIME_KEYS}
+    """The overrides that say which run a job is: a sweep relaunched with `resume=true` (its multirun.yaml then
+    records it) expects the jobs of the first launch, whose run folders do not carry it, so the keys that do not
+    change what a run computes (`uqlora.runs.PRESENTATION`, as skip_complete compares configs) are left out."""
+    from uqlora.runs import PRESENTATION
+
+    def key(o: str) -> str:
+        return o.split("=", 1)[0].lstrip("+~")
+
+    return {o for o in overrides if not any(key(o) == p or key(o).startswith(p + ".") for p in PRESENTATION)}
 
 
 def not_started(sweep_dir: Path, run_dirs: list[Path]) -> list[Run]:
